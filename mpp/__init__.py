@@ -1,0 +1,19 @@
+"""mpp: masked-patch self-supervised pretraining of Vision Transformers (MAE)."""
+
+from mpp.masking import patchify, random_masking, unpatchify
+from mpp.models import MAEOutput, MaskedAutoencoder, ViTEncoder, create_model, list_models, model_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAEOutput",
+    "MaskedAutoencoder",
+    "ViTEncoder",
+    "__version__",
+    "create_model",
+    "list_models",
+    "model_config",
+    "patchify",
+    "random_masking",
+    "unpatchify",
+]

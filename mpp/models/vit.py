@@ -52,6 +52,12 @@ class ViTEncoder(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        # Constructor arguments, saved with exported weights so the encoder can be rebuilt without its code path.
+        self.encoder_config = {
+            "img_size": list(to_2tuple(img_size)), "patch_size": patch_size, "in_chans": in_chans,
+            "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+            "class_token": class_token, "global_pool": global_pool, "pos_embed": pos_embed,
+        }  # fmt: skip
         if global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
@@ -182,3 +188,4 @@ class ViTEncoder(nn.Module):
         self.img_size = img_size
         self.grid_size = new_grid
         self.num_patches = new_grid[0] * new_grid[1]
+        self.encoder_config.update(img_size=list(img_size), patch_size=patch_size)

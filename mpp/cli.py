@@ -6,7 +6,9 @@ import importlib
 import sys
 
 COMMANDS = {
+    "pretrain": ("mpp.pretrain", "MAE pretraining on a dataset or image folder (CPU, one or many GPUs), resumable"),
     "demo": ("mpp.demo", "pretrain a small MAE on Fashion-MNIST for a few minutes and show reconstructions"),
+    "convert": ("mpp.convert", "convert weights between mpp, official MAE, timm and Hugging Face formats"),
 }
 
 

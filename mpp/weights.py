@@ -1,7 +1,8 @@
 """The encoder file mpp hands to later stages: ``encoder.safetensors`` with metadata, plus ``encoder.json``.
 
 The safetensors header carries everything needed to rebuild the encoder (its constructor arguments) and to feed it
-(normalisation mean/std), so a probe or fine-tune needs nothing but this file.
+(normalisation mean/std), so a probe or fine-tune needs nothing but this file. ``mae.safetensors`` (:func:`save_mae`)
+holds the whole masked autoencoder, decoder included, with its full constructor arguments, to continue pretraining.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mpp
+from mpp.models.mae import MaskedAutoencoder
 from mpp.models.vit import ViTEncoder
 
 FORMAT = "mpp.encoder.v1"
+MAE_FORMAT = "mpp.mae.v1"
 
 
 def encoder_metadata(model: ViTEncoder, **extra: Any) -> dict[str, Any]:
@@ -34,11 +38,15 @@ def save_encoder(model: ViTEncoder, path: str | Path, **extra: Any) -> Path:
 
     Both files are written to a temporary name and renamed, so an interrupted save leaves no half-written file.
     """
+    state = model.encoder_state_dict() if hasattr(model, "encoder_state_dict") else model.state_dict()
+    return _write_with_metadata(state, encoder_metadata(model, **extra), path)
+
+
+def _write_with_metadata(state: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> Path:
+    """Write tensors with JSON metadata to ``path`` and the metadata alone to ``path``'s ``.json``, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = model.encoder_state_dict() if hasattr(model, "encoder_state_dict") else model.state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    meta = encoder_metadata(model, **extra)
     # safetensors metadata values must be strings: store each entry as JSON.
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
@@ -50,11 +58,22 @@ def save_encoder(model: ViTEncoder, path: str | Path, **extra: Any) -> Path:
     return path
 
 
-def read_encoder_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata stored in an ``encoder.safetensors`` header."""
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of any mpp safetensors file (``{}`` entries that are not JSON are kept as strings)."""
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
-    meta = {k: json.loads(v) for k, v in raw.items()}
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:  # files from other tools store plain strings, e.g. {"format": "pt"}
+            meta[key] = value
+    return meta
+
+
+def read_encoder_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata stored in an ``encoder.safetensors`` header."""
+    meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an mpp encoder file (metadata format {meta.get('format')!r}, want {FORMAT!r})")
     return meta
@@ -85,3 +104,50 @@ def load_encoder(path: str | Path, **overrides: Any) -> tuple[ViTEncoder, dict[s
     if new_img_size is not None:
         encoder.set_grid(new_img_size)
     return encoder, meta
+
+
+# ------------------------------------------------------------------------------------------------- full model
+def mae_config(model: MaskedAutoencoder) -> dict[str, Any]:
+    """Constructor arguments that rebuild ``model`` (encoder, decoder and loss settings)."""
+    dec = model.decoder_blocks[0] if len(model.decoder_blocks) else None
+    return {
+        **model.encoder_config,
+        "decoder_embed_dim": model.decoder_embed_dim,
+        "decoder_depth": len(model.decoder_blocks),
+        "decoder_num_heads": dec.attn.num_heads if dec else 1,
+        "norm_pix_loss": model.norm_pix_loss,
+        "mask_ratio": model.mask_ratio,
+        "mask_type": model.mask_type,
+    }
+
+
+def save_mae(model: MaskedAutoencoder, path: str | Path, **extra: Any) -> Path:
+    """Write the whole masked autoencoder (decoder included, so pretraining can continue) to ``mae.safetensors``.
+
+    The header holds ``format``, ``mpp_version``, ``model`` (constructor arguments) and ``extra``; ``path``'s ``.json``
+    repeats it.
+    """
+    meta = {"format": MAE_FORMAT, "mpp_version": mpp.__version__, "model": mae_config(model), **extra}
+    return _write_with_metadata(model.state_dict(), meta, path)
+
+
+def load_mae(path: str | Path, **overrides: Any) -> tuple[MaskedAutoencoder, dict[str, Any]]:
+    """Rebuild a masked autoencoder from a file written by :func:`save_mae`.
+
+    Args:
+        path: ``mae.safetensors``.
+        **overrides: constructor arguments to change (e.g. ``norm_pix_loss=True``, ``drop_path_rate=0.1``).
+
+    Returns:
+        ``(model, metadata)``.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    if meta.get("format") != MAE_FORMAT:
+        raise ValueError(f"{path}: not an mpp model file (metadata format {meta.get('format')!r}, want {MAE_FORMAT!r})")
+    model = MaskedAutoencoder(**{**meta["model"], **overrides})
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    return model, meta

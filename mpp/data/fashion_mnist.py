@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
+from mpp.data.base import ImageDataset
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -59,3 +64,34 @@ def load_fashion_mnist(split: str, cache_dir: str | os.PathLike | None = None) -
 
     ds = FashionMNIST(str(cache), train=split == "train", download=True)
     return ds.data.clone(), ds.targets.clone()
+
+
+class FashionMNIST(ImageDataset):
+    """Fashion-MNIST as an mpp dataset: 28x28 grey images (repeated to RGB for ``in_chans=3``), 10 classes.
+
+    Args:
+        split: ``"train"`` (60k) or ``"test"`` (10k).
+        transform: applied to each PIL image.
+        in_chans: 1, or 3 to repeat the grey channel.
+        cache_dir: where to look for / download the files (see :func:`load_fashion_mnist`).
+    """
+
+    def __init__(
+        self,
+        split: str,
+        transform: Callable[[Any], Any] | None = None,
+        in_chans: int = 1,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(transform, in_chans)
+        if in_chans not in (1, 3):
+            raise ValueError(f"Fashion-MNIST is grey: in_chans must be 1 or 3, got {in_chans}")
+        self.name = f"fashion-mnist {split}"
+        self.images, labels = load_fashion_mnist(split, cache_dir)
+        self.targets = labels.tolist()
+        self.classes = list(CLASSES)
+
+    def load(self, index: int) -> Image.Image:
+        """Item ``index`` as a PIL ``'L'`` or ``'RGB'`` image."""
+        img = Image.fromarray(self.images[index].numpy())
+        return img if self.in_chans == 1 else img.convert("RGB")

@@ -1,0 +1,294 @@
+"""Typed configs: defaults in dataclasses, recipes in YAML that state only what differs, dotted overrides.
+
+Loading order is defaults -> recipe -> ``key=value`` overrides. Unknown keys, wrong types and impossible values are
+one-line :class:`ConfigError` s naming the key, raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and the value."""
+
+
+@dataclass
+class ModelConfig:
+    """Which MAE to build. ``name`` is a registry variant; other fields override it when set."""
+
+    name: str = "mae_vit_tiny_patch4"
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75
+    mask_type: str = "random"
+    drop_path_rate: float = 0.0
+    global_pool: str = "token"
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented for pretraining."""
+
+    source: str = "fashion-mnist"
+    path: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    crop_scale_min: float = 0.2
+    hflip: bool = True
+    num_workers: int = 2
+    limit: int | None = None
+    synthetic_size: int = 512
+    synthetic_classes: int = 4
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule, as the paper: AdamW (0.9, 0.95), ``lr = blr * effective_batch / 256``."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    accum_steps: int = 1
+    blr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float | None = None
+
+
+@dataclass
+class PretrainConfig:
+    """A whole pretraining run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    mixed_precision: str = "auto"
+    compile: bool = False
+    cpu: bool = False
+    log_every: int = 10
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    stop_at_step: int | None = None
+    viz_samples: int = 8
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------------ building
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, validating keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}{key!r}; valid keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = from_dict(tp, data[f.name], f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.blr=1e-3"`` -> (["optim", "blr"], 0.001); values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.epochs=5)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def merge(base: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set ``base[k1][k2]... = value`` creating mappings on the way."""
+    node = base
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into ``base`` (returns ``base``)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file; an empty file is an empty recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def build_config(cls: type, recipe: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults, then the recipe, then dotted overrides; validated."""
+    data: dict[str, Any] = load_yaml(recipe) if recipe else {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        merge(data, keys, value)
+    config = from_dict(cls, data)
+    validate(config)
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass."""
+    return asdict(config)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check(condition: bool, key: str, value: Any, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate_model(model: ModelConfig, prefix: str = "model.") -> None:
+    """Impossible model values: unknown variant, ratio outside (0, 1), image not divisible by patch, ..."""
+    from mpp.masking import MASK_TYPES
+    from mpp.models.registry import MODEL_CONFIGS, model_config
+
+    _check(
+        model.name in MODEL_CONFIGS,
+        f"{prefix}name",
+        model.name,
+        f"unknown model; valid: {', '.join(sorted(MODEL_CONFIGS))}",
+    )
+    _check(0.0 < model.mask_ratio < 1.0, f"{prefix}mask_ratio", model.mask_ratio, "must be strictly between 0 and 1")
+    _check(model.mask_type in MASK_TYPES, f"{prefix}mask_type", model.mask_type, f"must be one of {MASK_TYPES}")
+    _check(model.global_pool in ("token", "avg"), f"{prefix}global_pool", model.global_pool, "must be token or avg")
+    _check(0.0 <= model.drop_path_rate < 1.0, f"{prefix}drop_path_rate", model.drop_path_rate, "must be in [0, 1)")
+    resolved = model_config(model.name, **model_overrides(model))
+    img, patch = resolved.get("img_size", 224), resolved["patch_size"]
+    _check(patch > 0, f"{prefix}patch_size", patch, "must be positive")
+    _check(
+        img > 0 and img % patch == 0, f"{prefix}img_size", img, f"must be a positive multiple of the patch size {patch}"
+    )
+    if model.in_chans is not None:
+        _check(model.in_chans > 0, f"{prefix}in_chans", model.in_chans, "must be positive")
+
+
+def model_overrides(model: ModelConfig) -> dict[str, Any]:
+    """Constructor overrides of the registry variant given by a :class:`ModelConfig`."""
+    out: dict[str, Any] = {
+        "norm_pix_loss": model.norm_pix_loss, "mask_ratio": model.mask_ratio, "mask_type": model.mask_type,
+        "drop_path_rate": model.drop_path_rate, "global_pool": model.global_pool,
+    }  # fmt: skip
+    for key in ("img_size", "patch_size", "in_chans"):
+        if getattr(model, key) is not None:
+            out[key] = getattr(model, key)
+    return out
+
+
+def validate(config: PretrainConfig) -> None:
+    """Check every impossible value of a pretraining config."""
+    validate_model(config.model)
+    d, o = config.data, config.optim
+    sources = ("fashion-mnist", "folder", "hf", "synthetic")
+    _check(d.source in sources, "data.source", d.source, f"must be one of {', '.join(sources)}")
+    _check(d.source not in ("folder", "hf") or bool(d.path), "data.path", d.path, f"is required for source {d.source}")
+    _check(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", d.crop_scale_min, "must be in (0, 1]")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("data.mean and data.std must be given together")
+    if d.std is not None:
+        _check(all(s > 0 for s in d.std), "data.std", d.std, "must be positive")
+    _check(o.epochs > 0, "optim.epochs", o.epochs, "must be positive")
+    _check(o.batch_size > 0, "optim.batch_size", o.batch_size, "must be positive")
+    _check(o.accum_steps > 0, "optim.accum_steps", o.accum_steps, "must be positive")
+    _check(o.blr > 0, "optim.blr", o.blr, "must be positive")
+    _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "must be positive")
+    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs, "must be in [0, epochs]")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "must be two values in [0, 1)"
+    )
+    _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "must be positive")
+    precisions = ("auto", "no", "fp16", "bf16")
+    _check(
+        config.mixed_precision in precisions, "mixed_precision", config.mixed_precision, f"must be one of {precisions}"
+    )
+    _check(config.log_every > 0, "log_every", config.log_every, "must be positive")
+    _check(config.keep_checkpoints > 0, "keep_checkpoints", config.keep_checkpoints, "must be positive")
+    _check(
+        config.stop_at_step is None or config.stop_at_step > 0, "stop_at_step", config.stop_at_step, "must be positive"
+    )

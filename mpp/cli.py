@@ -9,6 +9,10 @@ COMMANDS = {
     "pretrain": ("mpp.pretrain", "MAE pretraining on a dataset or image folder (CPU, one or many GPUs), resumable"),
     "demo": ("mpp.demo", "pretrain a small MAE on Fashion-MNIST for a few minutes and show reconstructions"),
     "convert": ("mpp.convert", "convert weights between mpp, official MAE, timm and Hugging Face formats"),
+    "knn": ("mpp.knn", "weighted cosine kNN accuracy of a frozen encoder (optionally with few labels)"),
+    "probe": ("mpp.probe", "linear probe (BN + linear, LARS) of a frozen encoder; full or cached-feature lr sweep"),
+    "finetune": ("mpp.finetune", "full fine-tuning (layer decay, mixup/cutmix, RandAugment), or from scratch"),
+    "evaluate": ("mpp.evaluate", "kNN + probe (+ fine-tune) of a run: results.json/.md, confusion plots"),
 }
 
 

@@ -128,6 +128,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -144,7 +149,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in fields(cls)}
     for key in data:
         if key not in known:
-            raise ConfigError(f"unknown config key {prefix}{key!r}; valid keys here: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(known))}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -157,11 +162,16 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+_YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"optim.blr=1e-3"`` -> (["optim", "blr"], 0.001); values are parsed as YAML scalars."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.epochs=5)")
     key, raw = item.split("=", 1)
+    if raw.strip().lower() in _YAML11_BOOL_WORDS:  # keep "no"/"on"/... as the strings the user typed
+        return key.strip().split("."), raw.strip()
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
@@ -283,7 +293,7 @@ def validate(config: PretrainConfig) -> None:
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "must be two values in [0, 1)"
     )
     _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "must be positive")
-    precisions = ("auto", "no", "fp16", "bf16")
+    precisions = ("auto", "fp32", "no", "fp16", "bf16")
     _check(
         config.mixed_precision in precisions, "mixed_precision", config.mixed_precision, f"must be one of {precisions}"
     )

@@ -34,7 +34,7 @@ lint: setup
 	$(BIN)/ruff format --check mpp tests benchmarks
 
 demo: setup
-	$(BIN)/mpp demo
+	$(BIN)/mpp pretrain --recipe recipes/fmnist_demo.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

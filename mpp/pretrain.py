@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,16 @@ def resolve_precision(requested: str, cpu: bool) -> str:
     return "bf16" if torch.cuda.is_available() and not cpu and torch.cuda.is_bf16_supported() else "no"
 
 
+def use_cpu(requested: bool) -> bool:
+    """Run on the CPU if asked, or when launched as several processes on a machine without CUDA.
+
+    Accelerate only sets up a gloo process group for ``accelerate launch --multi_gpu`` without GPUs when told the
+    run is on the CPU; otherwise each process would silently train alone.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return requested or (launched and not torch.cuda.is_available())
+
+
 def make_dataset(config: PretrainConfig, transform: Any, in_chans: int, img_size: int) -> Any:
     """The training split of the configured source with ``transform`` (a seeded subset if ``data.limit``)."""
     d = config.data
@@ -153,7 +164,7 @@ def run(config: PretrainConfig) -> Path:
 
     precision = resolve_precision(config.mixed_precision, config.cpu)
     accelerator = Accelerator(
-        mixed_precision=precision, cpu=config.cpu, log_with="tensorboard", project_dir=str(run_dir)
+        mixed_precision=precision, cpu=use_cpu(config.cpu), log_with="tensorboard", project_dir=str(run_dir)
     )
     world = accelerator.num_processes
     eff_batch = effective_batch(o.batch_size, o.accum_steps, world)

@@ -202,9 +202,10 @@ def test_two_processes_track_one_process(tmp_path):
     single = subprocess.run([sys.executable, "-m", "mpp", "pretrain", *common, f"output_dir={tmp_path / 'one'}"],
                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--cpu",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-              "-m", "mpp", "pretrain", *common, "optim.batch_size=4", f"output_dir={tmp_path / 'two'}"]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29517", "-m", "mpp", "pretrain", *common, "optim.batch_size=4",
+              f"output_dir={tmp_path / 'two'}"]  # fmt: skip
     double = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     saved = yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())

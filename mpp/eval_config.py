@@ -1,0 +1,250 @@
+"""Typed configs of the evaluation stages (kNN, linear probe, fine-tuning, evaluate), built like pretraining's.
+
+Defaults follow the MAE paper's protocols (linear probe: LARS, blr 0.1, 90 epochs, warmup 10, cls token; fine-tuning:
+the ViT-B recipe); recipes state what differs (data, batch split across GPUs, CPU-sized runs). Loading order is
+defaults -> recipe -> ``key=value`` overrides, and every impossible value is a one-line :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpp.config import ConfigError, from_dict, load_yaml, merge, parse_override
+
+PROBE_MODES = ("full", "cached")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+SOURCES = ("fashion-mnist", "folder", "hf", "synthetic")
+
+
+@dataclass
+class EvalDataConfig:
+    """Labelled train and test splits, and how images are fed to the encoder."""
+
+    source: str = "fashion-mnist"
+    path: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    cache_dir: str | None = None
+    mean: list[float] | None = None  # None: the encoder's recorded statistics, else the source's defaults
+    std: list[float] | None = None
+    crop_pct: float | None = None  # evaluation center crop; the paper's ImageNet runs use 0.875 (256 -> 224)
+    num_workers: int = 2
+    batch_size: int = 256  # feature extraction and evaluation batch
+    test_limit: int | None = None  # a seeded subset of the test split, for quick checks only
+    synthetic_size: int = 512
+    synthetic_classes: int = 4
+
+
+@dataclass
+class StageConfig:
+    """What every evaluation stage shares: the encoder, the label budget, the data, the run."""
+
+    init: str | None = None  # run dir, encoder.safetensors, checkpoint, or "random"
+    model: str | None = None  # registry variant for init=random
+    global_pool: str | None = None  # token | avg; None: the encoder's own
+    img_size: int | None = None  # evaluate / fine-tune at another resolution (position table resized)
+    patch_size: int | None = None  # ... or another patch size (patch-embed kernel resampled)
+    labels_per_class: int | None = None
+    label_fraction: float | None = None
+    label_seed: int | None = None  # None: seed
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    output_dir: str | None = None  # None: runs/<stage>
+    seed: int = 0
+    cpu: bool = False
+    mixed_precision: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class KnnSettings:
+    """Weighted cosine kNN (DINO): votes ``exp(sim / temperature)`` of the ``k`` nearest training images."""
+
+    k: int = 20
+    temperature: float = 0.07
+    query_chunk: int = 512  # queries per similarity block: chunk x bank floats in memory
+
+
+@dataclass
+class ProbeSettings:
+    """Linear probe: BatchNorm (no affine) + linear head on frozen features, LARS, warmup + cosine."""
+
+    mode: str = "full"  # full: augmented images through the frozen encoder; cached: features once, lr sweep
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    batch_size: int = 256
+    accum_steps: int = 1
+    blr: float = 0.1
+    lr: float | None = None
+    min_lr: float = 0.0
+    min_steps: int = 0  # small (few-label) training sets: raise epochs until this many optimiser steps
+    blr_sweep: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0])  # cached mode only
+    val_fraction: float = 0.1  # cached mode: held out of the train split to choose the lr
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    crop_scale_min: float = 0.08
+    hflip: bool = True
+
+
+@dataclass
+class FinetuneSettings:
+    """Full fine-tuning, the paper's ViT-B recipe by default (AdamW, layer decay, drop path, RandAug, mixup)."""
+
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    batch_size: int = 64
+    accum_steps: int = 1
+    blr: float = 5e-4
+    lr: float | None = None
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float | None = None
+    min_steps: int = 0  # small (few-label) training sets: raise epochs until this many optimiser steps
+    drop_path_rate: float = 0.1
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    crop_scale_min: float = 0.08
+    hflip: bool = True
+    ema: bool = False
+    ema_decay: float = 0.9999
+    log_every: int = 10
+    save_model: bool = True
+
+
+@dataclass
+class KnnConfig(StageConfig):
+    """``mpp knn``."""
+
+    knn: KnnSettings = field(default_factory=KnnSettings)
+
+
+@dataclass
+class ProbeConfig(StageConfig):
+    """``mpp probe``."""
+
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+
+
+@dataclass
+class FinetuneConfig(StageConfig):
+    """``mpp finetune``."""
+
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+
+
+@dataclass
+class EvaluateConfig(StageConfig):
+    """``mpp evaluate``: kNN and linear probe (and fine-tuning with ``run_finetune``) on one encoder."""
+
+    knn: KnnSettings = field(default_factory=KnnSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    run_finetune: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ building
+def build_eval_config(
+    cls: type, recipe: str | Path | None = None, overrides: list[str] | None = None, init: str | None = None
+) -> Any:
+    """Defaults, then the recipe, then dotted overrides, then ``init`` given on the command line; validated."""
+    data: dict[str, Any] = load_yaml(recipe) if recipe else {}
+    for item in overrides or []:
+        merge(data, *parse_override(item))
+    if init is not None:
+        if "init" in data and data["init"] != init:
+            raise ConfigError(f"init given twice: {init!r} and init={data['init']!r}")
+        data["init"] = init
+    config = from_dict(cls, data)
+    validate_stage(config)
+    return config
+
+
+def _check(condition: bool, key: str, value: Any, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _positive(section: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(value is None or value > 0, f"{prefix}{name}", value, "must be positive")
+
+
+def _check_schedule(section: Any, prefix: str) -> None:
+    _positive(section, prefix, "epochs", "batch_size", "accum_steps", "blr", "lr")
+    _check(0 <= section.warmup_epochs <= section.epochs, f"{prefix}warmup_epochs", section.warmup_epochs,
+           "must be in [0, epochs]")  # fmt: skip
+    _check(section.min_lr >= 0, f"{prefix}min_lr", section.min_lr, "must be >= 0")
+    _check(section.min_steps >= 0, f"{prefix}min_steps", section.min_steps, "must be >= 0")
+    _check(section.weight_decay >= 0, f"{prefix}weight_decay", section.weight_decay, "must be >= 0")
+    _check(0.0 < section.crop_scale_min <= 1.0, f"{prefix}crop_scale_min", section.crop_scale_min, "must be in (0, 1]")
+
+
+def validate_stage(config: StageConfig) -> None:
+    """Check every impossible value of an evaluation config (one-line :class:`ConfigError` naming the key)."""
+    from mpp.models.registry import MODEL_CONFIGS
+
+    _check(bool(config.init), "init", config.init,
+           "is required: a pretraining run dir, an encoder.safetensors, a checkpoint file, or random")  # fmt: skip
+    if config.model is not None:
+        _check(
+            config.model in MODEL_CONFIGS, "model", config.model, f"unknown; valid: {', '.join(sorted(MODEL_CONFIGS))}"
+        )
+    _check(config.init != "random" or config.model is not None, "model", config.model,
+           "init=random needs the architecture: set model=<registry name>, e.g. model=mae_vit_tiny_patch4")  # fmt: skip
+    _check(config.global_pool in (None, "token", "avg"), "global_pool", config.global_pool, "must be token or avg")
+    _positive(config, "", "img_size", "patch_size", "labels_per_class")
+    if config.labels_per_class is not None and config.label_fraction is not None:
+        raise ConfigError("give labels_per_class or label_fraction, not both")
+    _check(config.label_fraction is None or 0 < config.label_fraction <= 1, "label_fraction", config.label_fraction,
+           "must be in (0, 1]")  # fmt: skip
+    _check(config.mixed_precision in PRECISIONS, "mixed_precision", config.mixed_precision,
+           f"must be one of {PRECISIONS}")  # fmt: skip
+    d = config.data
+    _check(d.source in SOURCES, "data.source", d.source, f"must be one of {', '.join(SOURCES)}")
+    _check(d.source not in ("folder", "hf") or bool(d.path), "data.path", d.path, f"is required for source {d.source}")
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("data.mean and data.std must be given together")
+    if d.std is not None:
+        _check(all(s > 0 for s in d.std), "data.std", d.std, "must be positive")
+    _check(d.crop_pct is None or 0 < d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _positive(d, "data.", "batch_size", "test_limit")
+    knn = getattr(config, "knn", None)
+    if knn is not None:
+        _positive(knn, "knn.", "k", "temperature", "query_chunk")
+    probe = getattr(config, "probe", None)
+    if probe is not None:
+        _check(probe.mode in PROBE_MODES, "probe.mode", probe.mode, f"must be one of {PROBE_MODES}")
+        _check_schedule(probe, "probe.")
+        _check(len(probe.blr_sweep) > 0 and all(b > 0 for b in probe.blr_sweep), "probe.blr_sweep", probe.blr_sweep,
+               "must be a non-empty list of positive values")  # fmt: skip
+        _check(0 < probe.val_fraction < 1, "probe.val_fraction", probe.val_fraction, "must be in (0, 1)")
+        _check(0 <= probe.momentum < 1, "probe.momentum", probe.momentum, "must be in [0, 1)")
+    ft = getattr(config, "finetune", None)
+    if ft is not None:
+        _check_schedule(ft, "finetune.")
+        _check(0 < ft.layer_decay <= 1, "finetune.layer_decay", ft.layer_decay, "must be in (0, 1]")
+        _check(len(ft.betas) == 2 and all(0 <= b < 1 for b in ft.betas), "finetune.betas", ft.betas,
+               "must be two values in [0, 1)")  # fmt: skip
+        _positive(ft, "finetune.", "clip_grad", "log_every")
+        _check(0 <= ft.drop_path_rate < 1, "finetune.drop_path_rate", ft.drop_path_rate, "must be in [0, 1)")
+        _check(0 <= ft.smoothing < 1, "finetune.smoothing", ft.smoothing, "must be in [0, 1)")
+        _check(ft.mixup >= 0, "finetune.mixup", ft.mixup, "must be >= 0 (0 turns mixup off)")
+        _check(ft.cutmix >= 0, "finetune.cutmix", ft.cutmix, "must be >= 0 (0 turns cutmix off)")
+        for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+            _check(0 <= getattr(ft, name) <= 1, f"finetune.{name}", getattr(ft, name), "must be in [0, 1]")
+        _check(0 < ft.ema_decay < 1, "finetune.ema_decay", ft.ema_decay, "must be in (0, 1)")
+        if ft.rand_augment is not None:
+            _check(ft.rand_augment.startswith("rand-"), "finetune.rand_augment", ft.rand_augment,
+                   "must be a timm RandAugment string like rand-m9-mstd0.5-inc1, or null")  # fmt: skip

@@ -1,0 +1,80 @@
+"""A classifier on a pretrained ViT encoder, pooled as the official MAE's fine-tuning and linear-probe models.
+
+``global_pool="token"``: the cls token after the encoder's final ``norm``. ``global_pool="avg"``: the mean of the
+patch tokens straight out of the blocks, then a fresh LayerNorm ``fc_norm``; the encoder's ``norm`` is dropped
+(replaced by an identity), as the official ``models_vit`` deletes it. The linear probe uses the same features with a
+parameter-free BatchNorm in front of its linear head (``head_bn=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from mpp.models.vit import LayerNorm6, ViTEncoder
+
+# Head initialisations of the official code: fine-tuning (main_finetune) and linear probing (main_linprobe).
+FINETUNE_HEAD_STD = 2e-5
+PROBE_HEAD_STD = 0.01
+
+
+class ViTClassifier(nn.Module):
+    """Encoder, pooling, optional parameter-free BatchNorm, linear head.
+
+    Args:
+        encoder: a :class:`ViTEncoder` (a full masked autoencoder works too; its decoder is unused).
+        num_classes: outputs of the head.
+        global_pool: ``"token"`` or ``"avg"``; ``None`` keeps the encoder's own.
+        head_init_std: std of the truncated-normal head weight (bias zero): 2e-5 to fine-tune, 0.01 to probe.
+        head_bn: put ``BatchNorm1d(affine=False, eps=1e-6)`` before the linear head (the linear probe's).
+
+    Shapes: ``forward_features``: ``[N, C, H, W] -> [N, D]``; ``forward``: ``[N, C, H, W] -> [N, num_classes]``.
+    """
+
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        num_classes: int,
+        global_pool: str | None = None,
+        head_init_std: float = FINETUNE_HEAD_STD,
+        head_bn: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        pool = global_pool or encoder.global_pool
+        if pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {pool!r}")
+        if pool == "token" and encoder.cls_token is None:
+            raise ValueError("global_pool='token' needs an encoder with a cls token; use global_pool='avg'")
+        self.encoder = encoder
+        self.global_pool = pool
+        self.num_classes = num_classes
+        self.embed_dim = encoder.embed_dim
+        if pool == "avg":
+            encoder.norm = nn.Identity()
+            self.fc_norm: nn.Module = LayerNorm6(encoder.embed_dim)
+        else:
+            self.fc_norm = nn.Identity()
+        linear = nn.Linear(encoder.embed_dim, num_classes)
+        trunc_normal_(linear.weight, std=head_init_std)
+        nn.init.zeros_(linear.bias)
+        bn = nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6)
+        self.head = nn.Sequential(bn, linear) if head_bn else linear
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks (layer-wise lr decay counts ``depth + 1`` layers)."""
+        return len(self.encoder.blocks)
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Pooled features: ``[N, C, H, W] -> [N, D]``."""
+        tokens = self.encoder.forward_features(imgs)  # final norm applied in token mode, identity in avg mode
+        if self.global_pool == "avg":
+            return self.fc_norm(tokens[:, self.encoder.num_prefix_tokens :].mean(dim=1))
+        return tokens[:, 0]
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Class logits: ``[N, C, H, W] -> [N, num_classes]``."""
+        return self.head(self.forward_features(imgs))

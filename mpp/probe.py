@@ -1,0 +1,328 @@
+"""``mpp probe``: linear probing of a frozen encoder, the MAE paper's way.
+
+The head is ``BatchNorm1d(affine=False, eps=1e-6)`` then ``Linear`` (weight trunc-normal std 0.01, bias 0) on the
+pooled features (cls token after the final norm, or ``fc_norm`` of the average patch token); only the head trains,
+with LARS (momentum 0.9, trust coefficient 0.001, weight decay 0), ``lr = blr * eff_batch / 256``, linear warmup
+then cosine. Two modes:
+
+- ``full`` (the paper's): every epoch pushes RandomResizedCrop + flip augmented images through the frozen encoder.
+- ``cached`` (fast; the CPU recipes'): features are extracted once with the evaluation transform, then one head per
+  ``blr`` in ``probe.blr_sweep`` trains on the same batches; the blr with the best accuracy on a seeded, stratified
+  validation split carved from the training images (never the test set) is chosen, and its head's test accuracy is
+  reported.
+
+Usage::
+
+    mpp probe runs/fmnist_tiny --recipe recipes/probe_fmnist.yaml
+    mpp probe init=random model=mae_vit_tiny_patch4 --recipe recipes/probe_fmnist.yaml labels_per_class=10
+    accelerate launch --multi_gpu --num_processes 8 -m mpp probe RUN --recipe recipes/probe_vit_paper.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from timm.layers import trunc_normal_
+from torch import nn
+
+from mpp.data.transforms import pretrain_transform
+from mpp.engine import StepInfo, TrainState, train_one_epoch
+from mpp.eval_config import ProbeConfig, ProbeSettings
+from mpp.labels import split_off
+from mpp.metrics import classification_metrics
+from mpp.models.classifier import PROBE_HEAD_STD, ViTClassifier
+from mpp.optim import absolute_lr, effective_batch, lars_optimizer, lars_param_groups, lr_at
+from mpp.report import write_results
+from mpp.sampling import batches_per_epoch, epoch_loader, mix_seed
+from mpp.stage import (
+    SeededItems,
+    Splits,
+    batched,
+    budget_text,
+    build_splits,
+    encoder_description,
+    eval_tf,
+    extract_split_features,
+    make_accelerator,
+    move_to_grid,
+    resolve_stats,
+    results_header,
+    run_dir_of,
+    save_run_config,
+    stage_encoder,
+    stage_main,
+    stretch_schedule,
+)
+
+
+# ------------------------------------------------------------------------------------------------ cached mode
+class MultiHeadProbe(nn.Module):
+    """One parameter-free BatchNorm shared by ``n_heads`` linear heads (one per learning rate of a sweep).
+
+    Sharing the BatchNorm changes nothing: without affine parameters it is the same function for every head.
+
+    Shapes: ``[N, D] -> [n_heads, N, C]``.
+    """
+
+    def __init__(self, dim: int, num_classes: int, n_heads: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n_heads))
+        for head in self.heads:
+            trunc_normal_(head.weight, std=PROBE_HEAD_STD)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """Logits of every head: ``[N, D] -> [n_heads, N, C]``."""
+        z = self.bn(feats)
+        return torch.stack([head(z) for head in self.heads])
+
+
+def _feature_batches(n: int, batch: int, epoch: int, seed: int) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch: a seeded permutation, full batches only (so every step has ``batch`` samples)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+    for start in range(0, n - batch + 1, batch):
+        yield order[start : start + batch]
+
+
+def train_cached_heads(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    lrs: list[float],
+    settings: ProbeSettings,
+    accelerator: Accelerator,
+    batch_size: int,
+    seed: int = 0,
+    on_step: Callable[[StepInfo], Any] | None = None,
+) -> MultiHeadProbe:
+    """Train one BN + linear head per absolute lr in ``lrs`` on cached features, all on the same batches.
+
+    Each head has its own LARS groups (``lr_scale`` = its lr); the loss is the sum of the heads' cross-entropies,
+    whose gradients do not mix since the heads share no parameter.
+    """
+    model = MultiHeadProbe(feats.shape[1], num_classes, len(lrs))
+    groups = [g for head, lr in zip(model.heads, lrs, strict=True)
+              for g in lars_param_groups(list(head.parameters()), settings.weight_decay, lr_scale=lr)]  # fmt: skip
+    optimizer = lars_optimizer(groups, lr=lrs[0], momentum=settings.momentum)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    feats, labels = feats.to(device), labels.to(device)
+    batch = min(batch_size, feats.shape[0])
+    steps_per_epoch = feats.shape[0] // batch
+    # The schedule runs on a unit lr; each group scales it by its own lr. min_lr is taken relative to lrs[0].
+    min_ratio = settings.min_lr / lrs[0]
+
+    def lr_fn(epoch: float) -> float:
+        return lr_at(epoch, 1.0, min_ratio, settings.warmup_epochs, settings.epochs)
+
+    def loss_fn(m: nn.Module, index: torch.Tensor) -> torch.Tensor:
+        logits = m(feats[index])
+        target = labels[index]
+        return sum(F.cross_entropy(head_logits, target) for head_logits in logits)
+
+    state = TrainState()
+    for epoch in range(settings.epochs):
+        state.epoch, state.batch_in_epoch = epoch, 0
+        train_one_epoch(accelerator, model, optimizer, _feature_batches(feats.shape[0], batch, epoch, seed), loss_fn,
+                        state, lr_fn=lr_fn, steps_per_epoch=steps_per_epoch, seed=seed, on_step=on_step)  # fmt: skip
+    return accelerator.unwrap_model(model)
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, feats: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Eval-mode logits of a (multi-)head on features, in chunks: ``[N, D] -> [..., N, C]`` on CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    parts = [model(feats[i : i + chunk].to(device)).float().cpu() for i in range(0, feats.shape[0], chunk)]
+    return torch.cat(parts, dim=-2)
+
+
+def cached_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    classes: list[str],
+    settings: ProbeSettings,
+    accelerator: Accelerator,
+    seed: int = 0,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The cached-feature probe with an lr sweep chosen on a validation split; the ``probe`` entry of results.json."""
+    train_pos, val_pos = split_off(train_y.tolist(), settings.val_fraction, mix_seed(seed, 0x9B0))
+    if not val_pos or not train_pos:
+        raise ValueError(f"{len(train_y)} training images are too few to hold out a validation split for the lr sweep")
+    fit_x, fit_y = train_x[train_pos], train_y[train_pos]
+    batch = min(settings.batch_size, len(train_pos))
+    eff = effective_batch(batch, 1, 1)
+    epochs, warmup = stretch_schedule(settings.epochs, settings.warmup_epochs, len(train_pos) // batch,
+                                      settings.min_steps)  # fmt: skip
+    settings = replace(settings, epochs=epochs, warmup_epochs=warmup)
+    blrs = list(settings.blr_sweep)
+    lrs = [absolute_lr(b, eff) for b in blrs]
+    steps = epochs * (len(train_pos) // batch)
+    say(f"  cached probe: {len(train_pos)} train / {len(val_pos)} val features (val carved from train, seed {seed}), "
+        f"batch {eff}, {epochs} epochs (warmup {warmup:g}) = {steps} steps, LARS")  # fmt: skip
+    say("  sweep: " + ", ".join(f"blr {b:g} -> lr {lr:.3g}" for b, lr in zip(blrs, lrs, strict=True)))
+    model = train_cached_heads(fit_x, fit_y, len(classes), lrs, settings, accelerator, batch, seed)
+    val_logits = head_logits(model, train_x[val_pos])  # [K, Nv, C]
+    val_y = train_y[val_pos]
+    val_top1 = [100.0 * (lg.argmax(1) == val_y).float().mean().item() for lg in val_logits]
+    best = max(range(len(blrs)), key=lambda i: (val_top1[i], -i))  # ties: the smaller blr (listed first)
+    sweep = [{"blr": b, "lr": lr, "val_top1": v} for b, lr, v in zip(blrs, lrs, val_top1, strict=True)]
+    say("  val top-1: " + ", ".join(f"blr {s['blr']:g}: {s['val_top1']:.2f}%" for s in sweep)
+        + f" -> blr {blrs[best]:g}")  # fmt: skip
+    test_logits = head_logits(model, test_x)[best]
+    entry = classification_metrics(test_logits, test_y, classes)
+    entry.update(mode="cached", sweep=sweep, chosen_blr=blrs[best], lr=lrs[best], effective_batch=eff,
+                 epochs=epochs, warmup_epochs=warmup, steps=steps, train_size=len(train_pos),
+                 val_size=len(val_pos), val_top1=val_top1[best])  # fmt: skip
+    entry["summary"] = f"cached, blr {blrs[best]:g} chosen on val ({val_top1[best]:.2f}%), {epochs} ep, batch {eff}"
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------ full mode
+class FrozenProbe(nn.Module):
+    """A :class:`ViTClassifier` with BN + linear head whose encoder stays frozen and in eval mode."""
+
+    def __init__(self, classifier: ViTClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        for name, param in classifier.named_parameters():
+            param.requires_grad = name.startswith("head.")
+
+    def train(self, mode: bool = True) -> FrozenProbe:
+        """Only the head switches mode: the frozen encoder always runs as at test time."""
+        super().train(mode)
+        self.classifier.encoder.eval()
+        self.classifier.fc_norm.eval()
+        return self
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Logits, with no graph kept through the frozen encoder: ``[N, C, H, W] -> [N, num_classes]``."""
+        with torch.no_grad():
+            feats = self.classifier.forward_features(imgs)
+        return self.classifier.head(feats)
+
+
+def full_probe(
+    config: ProbeConfig,
+    classifier: ViTClassifier,
+    splits: Splits,
+    accelerator: Accelerator,
+    say: Callable[[str], None] = print,
+    metrics_path: Path | None = None,
+) -> dict[str, Any]:
+    """The paper's probe: augmented images through the frozen encoder every epoch; returns the ``probe`` entry."""
+    s, d = config.probe, config.data
+    world = accelerator.num_processes
+    train = SeededItems(splits.train, config.seed)
+    batch = min(s.batch_size, len(train) // world)
+    if batch < 2:
+        raise ValueError(f"{len(train)} training images cannot make a batch of 2 per process on {world} processes")
+    eff = effective_batch(batch, s.accum_steps, world)
+    lr = s.lr if s.lr is not None else absolute_lr(s.blr, eff)
+    steps_per_epoch = batches_per_epoch(len(train), batch, world) // s.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"probe.accum_steps={s.accum_steps} leaves no full optimiser step per epoch; lower it")
+    epochs, warmup = stretch_schedule(s.epochs, s.warmup_epochs, steps_per_epoch, s.min_steps)
+    clipped = " (probe.batch_size clipped to the training set)" if batch < s.batch_size else ""
+    say(f"  full probe: effective batch {eff} = {batch} x {s.accum_steps} accum x {world} procs{clipped}; "
+        f"lr {lr:.3g} = blr {s.blr:g} x {eff} / 256; {steps_per_epoch} steps/epoch x {epochs} epochs")  # fmt: skip
+    model = FrozenProbe(classifier)
+    head = classifier.head
+    optimizer = lars_optimizer(lars_param_groups(list(head.parameters()), s.weight_decay), lr=lr, momentum=s.momentum)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+
+    def loss_fn(m: nn.Module, batch_: Any) -> torch.Tensor:
+        imgs, target = batch_
+        return F.cross_entropy(m(imgs.to(device, non_blocking=True)), torch.as_tensor(target).to(device))
+
+    def lr_fn(epoch: float) -> float:
+        return lr_at(epoch, lr, s.min_lr, warmup, epochs)
+
+    log = open(metrics_path, "a") if metrics_path is not None and accelerator.is_main_process else None  # noqa: SIM115
+
+    losses: list[float] = []
+
+    def on_step(info: StepInfo) -> None:
+        losses.append(info.loss)
+        if log is not None and (info.step % 10 == 0 or info.step == steps_per_epoch * epochs):
+            log.write(json.dumps({"step": info.step, "epoch": round(info.epoch_float, 4), "loss": info.loss,
+                                  "lr": info.lr}) + "\n")  # fmt: skip
+            log.flush()
+
+    state = TrainState()
+    try:
+        for epoch in range(epochs):
+            state.epoch, state.batch_in_epoch = epoch, 0
+            loader = epoch_loader(train, batch, epoch, rank=accelerator.process_index, world_size=world,
+                                  seed=config.seed, num_workers=d.num_workers,
+                                  pin_memory=device.type == "cuda")  # fmt: skip
+            usable = steps_per_epoch * s.accum_steps
+            batches = (b for i, b in enumerate(loader) if i < usable)
+            train_one_epoch(accelerator, model, optimizer, batches, loss_fn, state, lr_fn=lr_fn,
+                            steps_per_epoch=steps_per_epoch, accum_steps=s.accum_steps, seed=config.seed,
+                            on_step=on_step)  # fmt: skip
+            say(f"  epoch {epoch + 1}/{epochs}: mean loss {sum(losses) / max(len(losses), 1):.4f}")
+            losses.clear()
+    finally:
+        if log is not None:
+            log.close()
+    raw: FrozenProbe = accelerator.unwrap_model(model)
+    raw.eval()
+    logits, target = batched(raw, splits.test, accelerator, d.batch_size, d.num_workers, "test", config.progress)
+    entry = classification_metrics(logits, target, splits.classes)
+    entry.update(mode="full", blr=s.blr, lr=lr, effective_batch=eff, epochs=epochs, warmup_epochs=warmup,
+                 steps=state.step, train_size=len(train))  # fmt: skip
+    entry["summary"] = f"full (augmented), blr {s.blr:g}, lr {lr:.3g}, batch {eff}, {epochs} ep"
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------ stage
+def run(config: ProbeConfig) -> Path:
+    """Probe the configured encoder and write results; returns the run directory."""
+    encoder, meta = stage_encoder(config)
+    move_to_grid(encoder, config)
+    mean, std = resolve_stats(config, meta, encoder.in_chans)
+    s, d = config.probe, config.data
+    test_tf = eval_tf(config, encoder, mean, std)
+    if s.mode == "full":
+        train_tf = pretrain_transform(encoder.img_size, mean, std, scale=(s.crop_scale_min, 1.0), hflip=s.hflip)
+    else:
+        train_tf = test_tf
+    splits = build_splits(config, encoder, train_tf, test_tf)
+    classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True)
+    accelerator = make_accelerator(config)
+    say = accelerator.print
+    run_dir = run_dir_of(config, "probe")
+    say(f"mpp probe ({s.mode}): {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
+    say(f"  {len(splits.train)} train images ({budget_text(splits.label_info)}), {len(splits.test)} test images, "
+        f"{splits.num_classes} classes, on {accelerator.device}")  # fmt: skip
+    if accelerator.is_main_process:
+        save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
+    if s.mode == "cached":
+        feats = extract_split_features(classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress)
+        entry = cached_probe(*feats, splits.classes, s, accelerator, config.seed, say)
+    else:
+        entry = full_probe(config, classifier, splits, accelerator, say, run_dir / "metrics.jsonl")
+    if accelerator.is_main_process:
+        results = results_header(config, encoder, meta, classifier.global_pool, splits)
+        results["protocols"] = {"probe": entry}
+        write_results(run_dir, results, splits.classes)
+        say(f"  linear probe top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {run_dir / 'results.json'}")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mpp probe``."""
+    return stage_main("mpp probe", ProbeConfig, "Linear probe (BN + linear, LARS) of a frozen encoder.", run, argv)

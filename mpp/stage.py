@@ -1,0 +1,313 @@
+"""Pieces the evaluation stages (``knn``, ``probe``, ``finetune``, ``evaluate``) share.
+
+Command line, encoder, data with a label budget, accelerator, run directory, batched inference, results header. Each
+stage's ``main`` stays a short script over these pieces, like ``mpp pretrain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from mpp.config import ConfigError
+from mpp.data import build_dataset, default_stats
+from mpp.data.transforms import eval_transform
+from mpp.encoders import load_init
+from mpp.engine import NonFiniteLossError
+from mpp.eval_config import StageConfig, build_eval_config
+from mpp.labels import LabelBudgetError, label_subset
+from mpp.models.vit import ViTEncoder
+from mpp.runinfo import write_config
+from mpp.sampling import mix_seed
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def parse_stage_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
+    """``--recipe``, ``--print-config``, dotted ``key=value`` overrides, and at most one bare ``INIT`` argument."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{description} Settings: defaults <- --recipe YAML <- key=value overrides (dotted keys). "
+        "INIT (or init=...) is a pretraining run dir, an encoder.safetensors, a checkpoint, or 'random'.",
+    )
+    parser.add_argument("--recipe", help="YAML recipe stating what differs from the defaults")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("args", nargs="*", metavar="INIT | key=value", help="the encoder, and dotted overrides")
+    args = parser.parse_args(argv)
+    args.overrides = [a for a in args.args if "=" in a]
+    bare = [a for a in args.args if "=" not in a]
+    if len(bare) > 1:
+        parser.error(f"at most one INIT argument, got {bare}; overrides look like key=value")
+    args.init = bare[0] if bare else None
+    return args
+
+
+def resolve_stage_config(cls: type, args: argparse.Namespace) -> Any:
+    """The stage config from the parsed command line."""
+    return build_eval_config(cls, args.recipe, args.overrides, init=args.init)
+
+
+def stage_main(prog: str, cls: type, description: str, run: Callable[[Any], Any], argv: list[str] | None) -> int:
+    """Parse, build the config, run; bad input is a one-line error (exit 2), a diverging loss exit 3."""
+    args = parse_stage_args(prog, description, argv)
+    try:
+        config = resolve_stage_config(cls, args)
+        if args.print_config:
+            import yaml
+
+            from mpp.config import to_dict
+
+            print(yaml.safe_dump(to_dict(config), sort_keys=False))
+            return 0
+        run(config)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+def stage_encoder(config: StageConfig, drop_path_rate: float = 0.0) -> tuple[ViTEncoder, dict[str, Any]]:
+    """The configured encoder and its metadata, moved to ``img_size``/``patch_size`` when they are set.
+
+    A frozen encoder keeps its kind of position table: a fixed sin-cos table is recomputed for the new grid, a learned
+    one interpolated (:meth:`ViTEncoder.set_grid`). Fine-tuning makes the table learnable first (:mod:`mpp.finetune`).
+    """
+    encoder, meta = load_init(config.init, config.model, drop_path_rate=drop_path_rate)
+    return encoder, meta
+
+
+def move_to_grid(encoder: ViTEncoder, config: StageConfig) -> None:
+    """Apply ``config.img_size`` / ``config.patch_size`` to ``encoder`` (no-op when unset or unchanged)."""
+    img_size = config.img_size or encoder.img_size[0]
+    patch = config.patch_size or encoder.patch_size
+    if (img_size, img_size) != tuple(encoder.img_size) or patch != encoder.patch_size:
+        encoder.set_grid(img_size, patch)
+
+
+def stretch_schedule(epochs: int, warmup: float, steps_per_epoch: int, min_steps: int) -> tuple[int, float]:
+    """Epochs (and proportional warmup) raised so a small training set still gets ``min_steps`` optimiser steps."""
+    if steps_per_epoch * epochs >= min_steps:
+        return epochs, warmup
+    stretched = -(-min_steps // max(steps_per_epoch, 1))
+    return stretched, warmup * stretched / epochs
+
+
+def resolve_stats(config: StageConfig, meta: dict[str, Any], in_chans: int) -> tuple[list[float], list[float]]:
+    """Normalisation: the config's, else what the encoder was pretrained with, else the source's defaults."""
+    if config.data.mean is not None and config.data.std is not None:
+        mean, std = list(config.data.mean), list(config.data.std)
+    elif meta.get("mean") is not None and meta.get("std") is not None:
+        mean, std = list(meta["mean"]), list(meta["std"])
+    else:
+        m, s = default_stats(config.data.source, in_chans)
+        mean, std = list(m), list(s)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ConfigError(
+            f"data.mean/data.std have {len(mean)}/{len(std)} values but the encoder takes {in_chans} channels"
+        )
+    return mean, std
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class Splits:
+    """Train (already cut to the label budget) and test datasets of a stage.
+
+    Attributes:
+        train: the labelled training images the stage may use.
+        test: the test images (all of them unless ``data.test_limit``).
+        classes: class names (``class_<i>`` when the source has none).
+        label_info: the budget and the resulting sizes, for results.json.
+    """
+
+    train: Dataset
+    test: Dataset
+    classes: list[str]
+    label_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+
+def targets_of(dataset: Dataset) -> list[int]:
+    """Labels of a dataset or a :class:`~torch.utils.data.Subset` of one, read without decoding images."""
+    if isinstance(dataset, Subset):
+        base = targets_of(dataset.dataset)
+        return [base[i] for i in dataset.indices]
+    return list(dataset.targets)  # type: ignore[attr-defined]
+
+
+def build_splits(config: StageConfig, encoder: ViTEncoder, train_transform: Any, test_transform: Any) -> Splits:
+    """The stage's train split (label budget applied) and test split.
+
+    Raises:
+        LabelBudgetError: the budget cannot be met (one line naming the class).
+        ValueError: no labels in the training split.
+    """
+    d = config.data
+    common = {
+        "path": d.path, "in_chans": encoder.in_chans, "image_column": d.image_column, "label_column": d.label_column,
+        "cache_dir": d.cache_dir, "synthetic_size": d.synthetic_size, "synthetic_img_size": encoder.img_size[0],
+        "synthetic_classes": d.synthetic_classes, "seed": config.seed,
+    }  # fmt: skip
+    train = build_dataset(d.source, d.train_split, train_transform, **common)
+    test = build_dataset(d.source, d.test_split, test_transform, **common)
+    targets = list(train.targets)
+    labelled = [t for t in targets if t >= 0]
+    if not labelled:
+        raise LabelBudgetError(f"{d.source} split {d.train_split!r} has no labels; evaluation needs labelled images")
+    num_classes = max(max(labelled), max((t for t in test.targets if t >= 0), default=0)) + 1
+    classes = list(train.classes) if train.classes else [f"class_{i}" for i in range(num_classes)]
+    label_seed = config.seed if config.label_seed is None else config.label_seed
+    keep = label_subset(targets, labels_per_class=config.labels_per_class, fraction=config.label_fraction,
+                        seed=label_seed, class_names=classes)  # fmt: skip
+    test_keep = [i for i, t in enumerate(test.targets) if t >= 0]
+    if d.test_limit is not None and d.test_limit < len(test_keep):
+        order = torch.randperm(len(test_keep), generator=torch.Generator().manual_seed(mix_seed(config.seed, 7)))
+        test_keep = sorted(test_keep[i] for i in order[: d.test_limit].tolist())
+    info = {
+        "labels_per_class": config.labels_per_class, "label_fraction": config.label_fraction,
+        "label_seed": label_seed, "train_available": len(labelled), "train_used": len(keep),
+        "test_size": len(test_keep), "test_limited": d.test_limit is not None,
+    }  # fmt: skip
+    return Splits(Subset(train, keep), Subset(test, test_keep), classes, info)
+
+
+def eval_tf(config: StageConfig, encoder: ViTEncoder, mean: list[float], std: list[float]) -> Any:
+    """The deterministic evaluation transform at the encoder's input size."""
+    return eval_transform(encoder.img_size, mean, std, crop_pct=config.data.crop_pct)
+
+
+class SeededItems(Dataset):
+    """``base``'s items with their augmentation randomness seeded from ``(seed, epoch, index)``.
+
+    torch's and Python's ``random`` generators (timm's RandAugment and random erasing use the latter) are seeded per
+    item and restored after, so an image's augmentation does not depend on the worker or process that loads it.
+    Set :attr:`epoch` before each epoch (:func:`mpp.sampling.epoch_loader` does).
+    """
+
+    def __init__(self, base: Dataset, seed: int = 0) -> None:
+        self.base = base
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        sample_seed = mix_seed(self.seed, self.epoch, index)
+        state = random.getstate()
+        try:
+            random.seed(sample_seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                return self.base[index]
+        finally:
+            random.setstate(state)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def make_accelerator(config: StageConfig) -> Accelerator:
+    """An accelerator with the stage's precision (``auto``: bf16 on a CUDA GPU, fp32 on CPUs)."""
+    from mpp.pretrain import resolve_precision
+
+    return Accelerator(mixed_precision=resolve_precision(config.mixed_precision, config.cpu), cpu=config.cpu)
+
+
+def run_dir_of(config: StageConfig, stage: str) -> Path:
+    """The stage's output directory (``output_dir``, default ``runs/<stage>``), created."""
+    path = Path(config.output_dir or f"runs/{stage}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_run_config(run_dir: Path, config: StageConfig, **derived: Any) -> None:
+    """config.yaml: the resolved config, provenance, derived numbers."""
+    from mpp.config import to_dict
+
+    write_config(run_dir / "config.yaml", to_dict(config), **derived)
+
+
+@torch.no_grad()
+def batched(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    accelerator: Accelerator,
+    batch_size: int,
+    num_workers: int = 0,
+    desc: str = "",
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` over every image of ``dataset`` in order: ``(outputs float32 [N, ...] on CPU, labels int64 [N])``."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    outputs, labels = [], []
+    for imgs, target in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        with accelerator.autocast():
+            out = fn(imgs.to(accelerator.device, non_blocking=True))
+        outputs.append(out.float().cpu())
+        labels.append(torch.as_tensor(target))
+    return torch.cat(outputs), torch.cat(labels).long()
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def extract_split_features(
+    classifier: Any, splits: Splits, accelerator: Any, batch_size: int, num_workers: int, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled features and labels of the train and test splits: ``(train_x, train_y, test_x, test_y)``."""
+    classifier.eval().to(accelerator.device)
+    fn = classifier.forward_features
+    train_x, train_y = batched(fn, splits.train, accelerator, batch_size, num_workers, "train features", progress)
+    test_x, test_y = batched(fn, splits.test, accelerator, batch_size, num_workers, "test features", progress)
+    return train_x, train_y, test_x, test_y
+
+
+def encoder_description(encoder: Any, meta: dict[str, Any], pool: str) -> str:
+    """One line: variant, size, grid, pooling."""
+    variant = meta.get("variant") or "ViT"
+    h, w = encoder.img_size
+    return (f"{variant} ({encoder.embed_dim}-d, {len(encoder.blocks)} blocks, {h}x{w} px, patch "
+            f"{encoder.patch_size}, {pool} pooling)")  # fmt: skip
+
+
+def budget_text(info: dict[str, Any]) -> str:
+    """``10 labels per class``, ``1% of labels`` or ``all labels``."""
+    if info.get("labels_per_class"):
+        return f"{info['labels_per_class']} labels per class"
+    if info.get("label_fraction"):
+        return f"{100 * info['label_fraction']:g}% of labels"
+    return "all labels"
+
+
+def results_header(config: Any, encoder: Any, meta: dict[str, Any], pool: str, splits: Splits) -> dict[str, Any]:
+    """The parts of results.json every stage shares: what was evaluated, on what, with which labels."""
+    return {
+        "init": config.init,
+        "variant": meta.get("variant"),
+        "encoder_desc": encoder_description(encoder, meta, pool),
+        "encoder": dict(encoder.encoder_config),
+        "global_pool": pool,
+        "data": {
+            "source": config.data.source,
+            "train_split": config.data.train_split,
+            "test_split": config.data.test_split,
+        },
+        "labels": splits.label_info,
+        "classes": splits.classes,
+        "seed": config.seed,
+    }

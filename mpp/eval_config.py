@@ -52,7 +52,7 @@ class StageConfig:
     label_fraction: float | None = None
     label_seed: int | None = None  # None: seed
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    output_dir: str | None = None  # None: runs/<stage>
+    output_dir: str | None = None  # None: RUN/<stage>[_<budget>] beside a run's encoder, else runs/<stage>/<name>
     seed: int = 0
     cpu: bool = False
     mixed_precision: str = "auto"
@@ -81,7 +81,9 @@ class ProbeSettings:
     lr: float | None = None
     min_lr: float = 0.0
     min_steps: int = 0  # small (few-label) training sets: raise epochs until this many optimiser steps
-    blr_sweep: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0])  # cached mode only
+    # Cached mode: one head per blr. LARS steps are a fraction (lr x 0.001) of the weight norm, so runs with far fewer
+    # or smaller steps than the paper's (batch 16384, 90 epochs) need a larger blr; the sweep spans that range.
+    blr_sweep: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
     val_fraction: float = 0.1  # cached mode: held out of the train split to choose the lr
     weight_decay: float = 0.0
     momentum: float = 0.9

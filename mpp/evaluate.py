@@ -2,7 +2,8 @@
 
 Features are extracted once and shared by kNN and the cached probe. Writes ``results.json``, a markdown table
 ``results.md`` (top-1, top-5, per-class accuracy per protocol) and ``confusion_<protocol>.png`` into ``output_dir``
-(default: ``RUN/eval`` for a run directory, suffixed with the label budget, e.g. ``RUN/eval_10_per_class``).
+(default: ``RUN/eval`` for a run directory, suffixed with the label budget, e.g. ``RUN/eval_10_per_class``; see
+:func:`mpp.stage.default_output_dir`).
 
 Usage::
 
@@ -35,27 +36,11 @@ from mpp.stage import (
     move_to_grid,
     resolve_stats,
     results_header,
+    run_dir_of,
     save_run_config,
     stage_encoder,
     stage_main,
 )
-
-
-def default_output_dir(config: EvaluateConfig) -> Path:
-    """``RUN/eval[_<budget>][_seed<n>]`` for a run directory, else ``runs/evaluate/<name>[...]``."""
-    suffix = ""
-    if config.labels_per_class:
-        suffix = f"_{config.labels_per_class}_per_class"
-    elif config.label_fraction:
-        suffix = f"_{100 * config.label_fraction:g}pct"
-    label_seed = config.seed if config.label_seed is None else config.label_seed
-    if config.seed or label_seed:
-        suffix += f"_seed{config.seed}" + (f"_labels{label_seed}" if label_seed != config.seed else "")
-    init = Path(str(config.init))
-    if init.is_dir():
-        return init / f"eval{suffix}"
-    name = config.model if config.init == "random" else init.stem
-    return Path("runs/evaluate") / f"{'random_' if config.init == 'random' else ''}{name}{suffix}"
 
 
 def run(config: EvaluateConfig) -> Path:
@@ -68,8 +53,7 @@ def run(config: EvaluateConfig) -> Path:
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True)
     accelerator = make_accelerator(config)
     say = accelerator.print
-    run_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir_of(config, "eval")
     say(f"mpp evaluate: {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
     say(f"  {len(splits.train)} train images ({budget_text(splits.label_info)}), {len(splits.test)} test images, "
         f"{splits.num_classes} classes, on {accelerator.device}; output {run_dir}")  # fmt: skip
@@ -78,7 +62,7 @@ def run(config: EvaluateConfig) -> Path:
     d = config.data
     feats = extract_split_features(classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress)
     protocols: dict[str, Any] = {}
-    protocols["knn"] = knn_protocol(*feats, splits.classes, config.knn)
+    protocols["knn"] = knn_protocol(*feats, splits.classes, config.knn, accelerator.device)
     say(f"  kNN: top-1 {protocols['knn']['top1']:.2f}%")
     if config.probe.mode == "cached":
         protocols["probe"] = cached_probe(*feats, splits.classes, config.probe, accelerator, config.seed, say)

@@ -96,6 +96,20 @@ def save_classifier(path: Path, model: ViTClassifier, **extra: Any) -> Path:
     return path
 
 
+def load_classifier(path: str | Path) -> tuple[ViTClassifier, dict[str, Any]]:
+    """Rebuild a fine-tuned classifier written by :func:`save_classifier`: ``(model in eval mode, metadata)``."""
+    from safetensors.torch import load_file
+
+    from mpp.weights import read_metadata
+
+    meta = read_metadata(path)
+    if meta.get("format") != CLASSIFIER_FORMAT:
+        raise ValueError(f"{path}: not an mpp classifier (metadata format {meta.get('format')!r})")
+    model = ViTClassifier(ViTEncoder(**meta["encoder"]), meta["num_classes"], meta["global_pool"])
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), meta
+
+
 def finetune(
     config: FinetuneConfig,
     classifier: ViTClassifier,

@@ -48,6 +48,7 @@ def knn_scores(
     k: int = 20,
     temperature: float = 0.07,
     chunk: int = 512,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Class votes of weighted cosine kNN.
 
@@ -59,20 +60,23 @@ def knn_scores(
         k: neighbours per query (capped at ``M``).
         temperature: ``T`` in the vote weight ``exp(sim / T)``.
         chunk: queries per similarity block.
+        device: where the similarities are computed (the bank is moved there once); default the bank's.
 
     Returns:
         ``[Q, C]`` summed vote weights (argmax = prediction; top-5 from the ranking).
     """
-    bank = F.normalize(bank.float(), dim=1)
+    device = bank.device if device is None else device
+    bank_t = F.normalize(bank.float().to(device), dim=1).t().contiguous()  # [D, M]
+    bank_labels = bank_labels.to(device)
     queries = F.normalize(queries.float(), dim=1)
-    k = min(k, bank.shape[0])
-    bank_t = bank.t().contiguous()
+    k = min(k, bank_t.shape[1])
     out = torch.zeros(queries.shape[0], num_classes)
     for start in range(0, queries.shape[0], chunk):
-        sim = queries[start : start + chunk] @ bank_t  # [q, M]
+        sim = queries[start : start + chunk].to(device) @ bank_t  # [q, M]
         top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        out[start : start + chunk].scatter_add_(1, bank_labels[top_idx], weights)
+        votes = torch.zeros(sim.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
+        out[start : start + chunk] = votes.cpu()
     return out
 
 
@@ -83,10 +87,11 @@ def knn_protocol(
     test_labels: torch.Tensor,
     classes: list[str],
     settings: KnnSettings,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Run kNN on extracted features and measure it: the ``knn`` entry of results.json."""
     scores = knn_scores(train_feats, train_labels, test_feats, len(classes), settings.k, settings.temperature,
-                        settings.query_chunk)  # fmt: skip
+                        settings.query_chunk, device)  # fmt: skip
     entry = classification_metrics(scores, test_labels, classes)
     entry.update(k=settings.k, temperature=settings.temperature, bank_size=int(train_feats.shape[0]))
     entry["summary"] = f"k={settings.k}, T={settings.temperature}, bank {train_feats.shape[0]}"
@@ -104,17 +109,20 @@ def run(config: KnnConfig) -> Path:
     accelerator = make_accelerator(config)
     run_dir = run_dir_of(config, "knn")
     s = config.knn
-    print(f"mpp knn: {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
-    print(f"  bank {len(splits.train)} train images ({budget_text(splits.label_info)}), {len(splits.test)} test "
+    say = accelerator.print
+    say(f"mpp knn: {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
+    say(f"  bank {len(splits.train)} train images ({budget_text(splits.label_info)}), {len(splits.test)} test "
           f"queries, k={s.k}, T={s.temperature}, on {accelerator.device}")  # fmt: skip
-    save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
+    if accelerator.is_main_process:  # kNN is not split across processes: under accelerate launch, one writes
+        save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
     d = config.data
     features = extract_split_features(classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress)
-    entry = knn_protocol(*features, splits.classes, s)
-    results = results_header(config, encoder, meta, classifier.global_pool, splits)
-    results["protocols"] = {"knn": entry}
-    write_results(run_dir, results, splits.classes)
-    print(f"  kNN top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {run_dir / 'results.json'}")
+    entry = knn_protocol(*features, splits.classes, s, accelerator.device)
+    if accelerator.is_main_process:
+        results = results_header(config, encoder, meta, classifier.global_pool, splits)
+        results["protocols"] = {"knn": entry}
+        write_results(run_dir, results, splits.classes)
+        say(f"  kNN top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {run_dir / 'results.json'}")
     return run_dir
 
 

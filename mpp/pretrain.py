@@ -33,7 +33,7 @@ from mpp.optim import absolute_lr, effective_batch, lr_at, pretrain_optimizer
 from mpp.runinfo import read_config, write_config
 from mpp.sampling import SeededPretrainSamples, batches_per_epoch, epoch_loader
 from mpp.viz import save_reconstruction_grid
-from mpp.weights import save_encoder
+from mpp.weights import save_encoder, save_mae
 
 # Settings that may differ between a run and its resumption without changing the result.
 RESUME_FREE_KEYS = {"stop_at_step", "progress", "log_every", "keep_checkpoints", "checkpoint_every_steps"}
@@ -307,9 +307,10 @@ def run(config: PretrainConfig) -> Path:
     bar.close()
 
     if state.epoch >= o.epochs and accelerator.is_main_process:
-        save_encoder(raw_model, run_dir / "encoder.safetensors", variant=config.model.name, mean=list(mean),
-                     std=list(std), norm_pix_loss=raw_model.norm_pix_loss, source=config.data.source,
-                     epochs=o.epochs, steps=state.step)  # fmt: skip
+        facts = {"variant": config.model.name, "mean": list(mean), "std": list(std), "source": config.data.source,
+                 "norm_pix_loss": raw_model.norm_pix_loss, "epochs": o.epochs, "steps": state.step}  # fmt: skip
+        save_encoder(raw_model, run_dir / "encoder.safetensors", **facts)
+        save_mae(raw_model, run_dir / "mae.safetensors", **facts)  # whole model: reconstructions, more pretraining
         final = draw("final.png")
         say(f"done: {state.step} steps. encoder: {run_dir / 'encoder.safetensors'}; reconstructions: {final}")
     accelerator.wait_for_everyone()

@@ -74,10 +74,12 @@ class MultiHeadProbe(nn.Module):
     def __init__(self, dim: int, num_classes: int, n_heads: int) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n_heads))
-        for head in self.heads:
+        self.heads = nn.ModuleList()
+        for _ in range(n_heads):  # built and initialised in turn: head i's weights do not depend on n_heads
+            head = nn.Linear(dim, num_classes)
             trunc_normal_(head.weight, std=PROBE_HEAD_STD)
             nn.init.zeros_(head.bias)
+            self.heads.append(head)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """Logits of every head: ``[N, D] -> [n_heads, N, C]``."""

@@ -42,7 +42,7 @@ def parse_stage_args(prog: str, description: str, argv: list[str] | None) -> arg
     parser.add_argument("--recipe", help="YAML recipe stating what differs from the defaults")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("args", nargs="*", metavar="INIT | key=value", help="the encoder, and dotted overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after --recipe
     args.overrides = [a for a in args.args if "=" in a]
     bare = [a for a in args.args if "=" not in a]
     if len(bare) > 1:
@@ -229,9 +229,30 @@ def make_accelerator(config: StageConfig) -> Accelerator:
     return Accelerator(mixed_precision=resolve_precision(config.mixed_precision, config.cpu), cpu=config.cpu)
 
 
+def default_output_dir(config: StageConfig, stage: str) -> Path:
+    """Where a stage writes when ``output_dir`` is unset, named after the encoder, the label budget and the seeds.
+
+    ``RUN/<stage>[_<budget>][_seed<n>]`` for a pretraining run directory (results live beside the encoder),
+    ``runs/<stage>/<file stem>[...]`` for a weights file and ``runs/<stage>/random_<model>[...]`` for ``init=random``.
+    """
+    suffix = ""
+    if config.labels_per_class:
+        suffix = f"_{config.labels_per_class}_per_class"
+    elif config.label_fraction:
+        suffix = f"_{100 * config.label_fraction:g}pct"
+    label_seed = config.seed if config.label_seed is None else config.label_seed
+    if config.seed or label_seed != config.seed:
+        suffix += f"_seed{config.seed}" + (f"_labels{label_seed}" if label_seed != config.seed else "")
+    init = Path(str(config.init))
+    if config.init != "random" and init.is_dir():
+        return init / f"{stage}{suffix}"
+    name = f"random_{config.model}" if config.init == "random" else init.stem
+    return Path("runs") / stage / f"{name}{suffix}"
+
+
 def run_dir_of(config: StageConfig, stage: str) -> Path:
-    """The stage's output directory (``output_dir``, default ``runs/<stage>``), created."""
-    path = Path(config.output_dir or f"runs/{stage}")
+    """The stage's output directory (``output_dir``, else :func:`default_output_dir`), created."""
+    path = Path(config.output_dir) if config.output_dir else default_output_dir(config, stage)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

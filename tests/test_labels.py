@@ -39,7 +39,8 @@ def test_same_seed_same_subset_other_seed_other_subset():
 
 
 def test_smaller_budget_is_inside_larger_one():
-    assert set(label_subset(TARGETS, labels_per_class=4, seed=5)) <= set(label_subset(TARGETS, labels_per_class=15, seed=5))
+    small = label_subset(TARGETS, labels_per_class=4, seed=5)
+    assert set(small) <= set(label_subset(TARGETS, labels_per_class=15, seed=5))
 
 
 def test_no_budget_means_every_labelled_image():

@@ -100,7 +100,11 @@ def test_run_writes_everything_and_learns(tmp_path):
     ]  # fmt: skip
     encoder, meta = load_encoder(out / "encoder.safetensors")
     assert meta["variant"] == "mae_vit_micro_patch4" and meta["norm_pix_loss"] is True and len(meta["mean"]) == 1
+    from mpp.weights import load_mae
+
+    mae, _ = load_mae(out / "mae.safetensors")
     ckpt = final_weights(out)
+    assert all(torch.equal(mae.state_dict()[k], ckpt[k]) for k in ckpt)
     assert all(torch.equal(encoder.state_dict()[k], ckpt[k]) for k in encoder.state_dict())
     assert len([p for p in (out / "checkpoints").iterdir() if p.is_dir()]) == 2  # keep_checkpoints
 

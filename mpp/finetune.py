@@ -48,6 +48,7 @@ from mpp.stage import (
     build_splits,
     encoder_description,
     eval_tf,
+    loader_workers,
     make_accelerator,
     resolve_stats,
     results_header,
@@ -188,12 +189,13 @@ def finetune(
                       + "\n")  # fmt: skip
             log.flush()
 
+    workers = loader_workers(d.num_workers, steps_per_epoch * f.accum_steps * batch * world)
     state = TrainState()
     try:
         for epoch in range(epochs):
             state.epoch, state.batch_in_epoch = epoch, 0
             loader = epoch_loader(train, batch, epoch, rank=accelerator.process_index, world_size=world,
-                                  seed=config.seed, num_workers=d.num_workers,
+                                  seed=config.seed, num_workers=workers,
                                   pin_memory=device.type == "cuda")  # fmt: skip
             usable = steps_per_epoch * f.accum_steps
             batches = (b for i, b in enumerate(loader) if i < usable)

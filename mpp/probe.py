@@ -50,6 +50,7 @@ from mpp.stage import (
     encoder_description,
     eval_tf,
     extract_split_features,
+    loader_workers,
     make_accelerator,
     move_to_grid,
     resolve_stats,
@@ -74,6 +75,7 @@ class MultiHeadProbe(nn.Module):
     def __init__(self, dim: int, num_classes: int, n_heads: int) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.diverged = [False] * n_heads  # set by train_cached_heads
         self.heads = nn.ModuleList()
         for _ in range(n_heads):  # built and initialised in turn: head i's weights do not depend on n_heads
             head = nn.Linear(dim, num_classes)
@@ -108,7 +110,9 @@ def train_cached_heads(
     """Train one BN + linear head per absolute lr in ``lrs`` on cached features, all on the same batches.
 
     Each head has its own LARS groups (``lr_scale`` = its lr); the loss is the sum of the heads' cross-entropies,
-    whose gradients do not mix since the heads share no parameter.
+    whose gradients do not mix since the heads share no parameter. A head whose loss stops being finite (too large
+    an lr) leaves the sum from then on and is marked in ``model.diverged``; the others carry on. Only when every head
+    has diverged does the engine's non-finite-loss stop apply.
     """
     model = MultiHeadProbe(feats.shape[1], num_classes, len(lrs))
     groups = [g for head, lr in zip(model.heads, lrs, strict=True)
@@ -125,17 +129,25 @@ def train_cached_heads(
     def lr_fn(epoch: float) -> float:
         return lr_at(epoch, 1.0, min_ratio, settings.warmup_epochs, settings.epochs)
 
+    alive = torch.ones(len(lrs), dtype=torch.bool, device=device)
+
     def loss_fn(m: nn.Module, index: torch.Tensor) -> torch.Tensor:
         logits = m(feats[index])
         target = labels[index]
-        return sum(F.cross_entropy(head_logits, target) for head_logits in logits)
+        losses = torch.stack([F.cross_entropy(head_logits, target) for head_logits in logits])
+        alive.logical_and_(torch.isfinite(losses.detach()))
+        return losses[alive].sum() if bool(alive.any()) else losses.sum()
 
     state = TrainState()
     for epoch in range(settings.epochs):
         state.epoch, state.batch_in_epoch = epoch, 0
         train_one_epoch(accelerator, model, optimizer, _feature_batches(feats.shape[0], batch, epoch, seed), loss_fn,
                         state, lr_fn=lr_fn, steps_per_epoch=steps_per_epoch, seed=seed, on_step=on_step)  # fmt: skip
-    return accelerator.unwrap_model(model)
+    raw: MultiHeadProbe = accelerator.unwrap_model(model)
+    # A last step can break a head without a later loss to show it: check the weights too.
+    finite = [all(bool(torch.isfinite(p).all()) for p in head.parameters()) for head in raw.heads]
+    raw.diverged = [not (a and f) for a, f in zip(alive.cpu().tolist(), finite, strict=True)]
+    return raw
 
 
 @torch.no_grad()
@@ -177,11 +189,12 @@ def cached_probe(
     model = train_cached_heads(fit_x, fit_y, len(classes), lrs, settings, accelerator, batch, seed)
     val_logits = head_logits(model, train_x[val_pos])  # [K, Nv, C]
     val_y = train_y[val_pos]
-    val_top1 = [100.0 * (lg.argmax(1) == val_y).float().mean().item() for lg in val_logits]
-    best = max(range(len(blrs)), key=lambda i: (val_top1[i], -i))  # ties: the smaller blr (listed first)
+    val_top1 = [None if dead else 100.0 * (lg.argmax(1) == val_y).float().mean().item()
+                for lg, dead in zip(val_logits, model.diverged, strict=True)]  # fmt: skip
+    best = max((i for i, v in enumerate(val_top1) if v is not None), key=lambda i: (val_top1[i], -i))  # ties: smaller
     sweep = [{"blr": b, "lr": lr, "val_top1": v} for b, lr, v in zip(blrs, lrs, val_top1, strict=True)]
-    say("  val top-1: " + ", ".join(f"blr {s['blr']:g}: {s['val_top1']:.2f}%" for s in sweep)
-        + f" -> blr {blrs[best]:g}")  # fmt: skip
+    shown = [f"blr {s['blr']:g}: " + ("diverged" if s["val_top1"] is None else f"{s['val_top1']:.2f}%") for s in sweep]
+    say("  val top-1: " + ", ".join(shown) + f" -> blr {blrs[best]:g}")
     test_logits = head_logits(model, test_x)[best]
     entry = classification_metrics(test_logits, test_y, classes)
     entry.update(mode="cached", sweep=sweep, chosen_blr=blrs[best], lr=lrs[best], effective_batch=eff,
@@ -263,12 +276,13 @@ def full_probe(
                                   "lr": info.lr}) + "\n")  # fmt: skip
             log.flush()
 
+    workers = loader_workers(d.num_workers, steps_per_epoch * s.accum_steps * batch * world)
     state = TrainState()
     try:
         for epoch in range(epochs):
             state.epoch, state.batch_in_epoch = epoch, 0
             loader = epoch_loader(train, batch, epoch, rank=accelerator.process_index, world_size=world,
-                                  seed=config.seed, num_workers=d.num_workers,
+                                  seed=config.seed, num_workers=workers,
                                   pin_memory=device.type == "cuda")  # fmt: skip
             usable = steps_per_epoch * s.accum_steps
             batches = (b for i, b in enumerate(loader) if i < usable)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
@@ -80,17 +81,23 @@ def stage_main(prog: str, cls: type, description: str, run: Callable[[Any], Any]
 
 # ------------------------------------------------------------------------------------------------ encoder
 def stage_encoder(config: StageConfig, drop_path_rate: float = 0.0) -> tuple[ViTEncoder, dict[str, Any]]:
-    """The configured encoder and its metadata, moved to ``img_size``/``patch_size`` when they are set.
+    """The configured encoder (``init``, ``model``) with ``drop_path_rate``, and its metadata.
 
-    A frozen encoder keeps its kind of position table: a fixed sin-cos table is recomputed for the new grid, a learned
-    one interpolated (:meth:`ViTEncoder.set_grid`). Fine-tuning makes the table learnable first (:mod:`mpp.finetune`).
+    The grid is left as stored: frozen protocols call :func:`move_to_grid`, fine-tuning
+    :func:`mpp.finetune.make_trainable_grid`.
     """
+    # Seeded first: a random-init encoder and the heads built after it are the same in every run with this seed.
+    set_seed(config.seed)
     encoder, meta = load_init(config.init, config.model, drop_path_rate=drop_path_rate)
     return encoder, meta
 
 
 def move_to_grid(encoder: ViTEncoder, config: StageConfig) -> None:
-    """Apply ``config.img_size`` / ``config.patch_size`` to ``encoder`` (no-op when unset or unchanged)."""
+    """Apply ``config.img_size`` / ``config.patch_size`` to a frozen encoder (no-op when unset or unchanged).
+
+    The encoder keeps its kind of position table: a fixed sin-cos table is recomputed for the new grid, a learned one
+    interpolated (:meth:`ViTEncoder.set_grid`).
+    """
     img_size = config.img_size or encoder.img_size[0]
     patch = config.patch_size or encoder.patch_size
     if (img_size, img_size) != tuple(encoder.img_size) or patch != encoder.patch_size:
@@ -219,6 +226,15 @@ class SeededItems(Dataset):
                 return self.base[index]
         finally:
             random.setstate(state)
+
+
+def loader_workers(num_workers: int, images_per_epoch: int) -> int:
+    """Loader workers for an epoch of ``images_per_epoch`` images: none for small (few-label) epochs.
+
+    The loaders are rebuilt every epoch (seeded order); starting worker processes costs about a second, far more
+    than augmenting a few hundred images in the main process, and a 100-image epoch is one step.
+    """
+    return num_workers if images_per_epoch >= 4096 else 0
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -94,6 +94,15 @@ def test_heads_of_a_sweep_train_independently():
     assert head_logits(both, feats).shape == (2, 80, 4)
 
 
+def test_a_diverging_head_leaves_the_sweep_alone():
+    feats, labels = clusters(60, seed=0)
+    test, test_labels = clusters(10, seed=1)
+    settings = ProbeSettings(mode="cached", epochs=4, warmup_epochs=0, batch_size=64, blr_sweep=[1.0, 1e30])
+    entry = cached_probe(feats, labels, test, test_labels, list("abcd"), settings, Accelerator(cpu=True),
+                         say=lambda _: None)  # fmt: skip
+    assert entry["sweep"][1]["val_top1"] is None and entry["chosen_blr"] == 1.0
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def test_metrics_topk_per_class_and_confusion():
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
@@ -170,6 +179,17 @@ def test_finetune_at_new_resolution_resizes_learnable_pos_table():
     enc2 = micro_encoder()
     make_trainable_grid(enc2, None, 7)  # patch 4 -> 7: 4x4 grid at 28 px
     assert enc2.pos_embed.shape == (1, 17, 64) and enc2(torch.randn(1, 1, 28, 28)).shape == (1, 64)
+
+
+def test_random_init_is_seeded():
+    from mpp.eval_config import KnnConfig, build_eval_config
+    from mpp.stage import stage_encoder
+
+    config = build_eval_config(KnnConfig, None, [f"model={MICRO}", "seed=3"], init="random")
+    a, _ = stage_encoder(config)
+    torch.rand(5)  # whatever ran before does not matter
+    b, _ = stage_encoder(config)
+    torch.testing.assert_close(a.state_dict(), b.state_dict())
 
 
 def test_init_errors_are_clear(tmp_path):

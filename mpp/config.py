@@ -72,12 +72,31 @@ class OptimConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The online kNN monitor (:mod:`mpp.monitor`): kNN top-1 on a labelled subset of the *training* split.
+
+    ``samples`` images are drawn once (seeded); ``query_fraction`` of them are queries, the rest the memory bank. A
+    reading is taken at the start (random init) and every ``every_epochs`` epochs; it is skipped with a note when the
+    data has no labels.
+    """
+
+    enabled: bool = True
+    every_epochs: int = 1
+    samples: int = 5000
+    query_fraction: float = 0.2
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 500
+
+
+@dataclass
 class PretrainConfig:
     """A whole pretraining run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     output_dir: str = "runs/pretrain"
     seed: int = 0
     mixed_precision: str = "auto"
@@ -293,6 +312,13 @@ def validate(config: PretrainConfig) -> None:
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "must be two values in [0, 1)"
     )
     _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "must be positive")
+    m = config.monitor
+    _check(m.every_epochs > 0, "monitor.every_epochs", m.every_epochs, "must be positive")
+    _check(m.samples >= 2, "monitor.samples", m.samples, "must be at least 2 (a bank and a query)")
+    _check(0 < m.query_fraction < 1, "monitor.query_fraction", m.query_fraction, "must be strictly between 0 and 1")
+    _check(m.k > 0, "monitor.k", m.k, "must be positive")
+    _check(m.temperature > 0, "monitor.temperature", m.temperature, "must be positive")
+    _check(m.batch_size > 0, "monitor.batch_size", m.batch_size, "must be positive")
     precisions = ("auto", "fp32", "no", "fp16", "bf16")
     _check(
         config.mixed_precision in precisions, "mixed_precision", config.mixed_precision, f"must be one of {precisions}"

@@ -152,6 +152,51 @@ class EvaluateConfig(StageConfig):
     probe: ProbeSettings = field(default_factory=ProbeSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     run_finetune: bool = False
+    # Data-efficiency sweep (mpp.efficiency): labels per class, or "all"; None runs the single budget above.
+    budgets: list[int | str] | int | str | None = None
+    compare_random: bool = True  # with budgets: also run the baseline, to show what pretraining buys
+    scratch_init: str | None = None  # the baseline; None: the encoder's registry variant from random init
+
+    def __post_init__(self) -> None:
+        # The command line gives "1,10,all" as one string, a recipe a list: keep one canonical form either way.
+        self.budgets = parse_budgets(self.budgets)
+
+
+BUDGET_ALL = "all"
+
+
+def parse_budgets(value: Any) -> list[int | str] | None:
+    """The ``budgets`` setting as ascending labels-per-class counts, then ``"all"``, without repeats.
+
+    Args:
+        value: ``None``, a list (``[1, 10, all]`` in YAML), a comma-separated string (``"1,10,100,all"``, as the
+            command line gives it) or one value (``10``, ``"all"``).
+
+    Returns:
+        ``None`` when ``value`` is ``None``, else e.g. ``[1, 10, 100, "all"]``.
+
+    Raises:
+        ConfigError: an item is neither a positive integer nor ``all``, or there is no item at all.
+    """
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, list | tuple) else [value]
+    counts: set[int] = set()
+    whole = False
+    for item in items:
+        text = item.strip() if isinstance(item, str) else item
+        if isinstance(text, str) and text.lower() == BUDGET_ALL:
+            whole = True
+        elif isinstance(text, str) and text.isdigit() and int(text) > 0:
+            counts.add(int(text))
+        elif isinstance(text, int) and not isinstance(text, bool) and text > 0:
+            counts.add(text)
+        else:
+            raise ConfigError(f"budgets={value!r}: {item!r} is not a label budget; give positive labels-per-class "
+                              "counts and/or all, e.g. budgets=1,10,100,all")  # fmt: skip
+    if not counts and not whole:
+        raise ConfigError(f"budgets={value!r}: no budget given; e.g. budgets=1,10,100,all")
+    return [*sorted(counts), *([BUDGET_ALL] if whole else [])]
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -208,6 +253,10 @@ def validate_stage(config: StageConfig) -> None:
     _positive(config, "", "img_size", "patch_size", "labels_per_class")
     if config.labels_per_class is not None and config.label_fraction is not None:
         raise ConfigError("give labels_per_class or label_fraction, not both")
+    budgets = getattr(config, "budgets", None)
+    if budgets and (config.labels_per_class is not None or config.label_fraction is not None):
+        raise ConfigError(f"budgets={budgets!r} sets the label budget of every run: drop labels_per_class and "
+                          "label_fraction")  # fmt: skip
     _check(config.label_fraction is None or 0 < config.label_fraction <= 1, "label_fraction", config.label_fraction,
            "must be in (0, 1]")  # fmt: skip
     _check(config.mixed_precision in PRECISIONS, "mixed_precision", config.mixed_precision,

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from mpp.data.transforms import eval_transform, pretrain_transform
 from mpp.engine import NonFiniteLossError, StepInfo, Throughput, TrainState, train_one_epoch
 from mpp.masking import num_kept
 from mpp.models import MaskedAutoencoder, create_model
+from mpp.monitor import KnnMonitor, MonitorReading
 from mpp.optim import absolute_lr, effective_batch, lr_at, pretrain_optimizer
 from mpp.runinfo import read_config, write_config
 from mpp.sampling import SeededPretrainSamples, batches_per_epoch, epoch_loader
@@ -36,7 +38,8 @@ from mpp.viz import save_reconstruction_grid
 from mpp.weights import save_encoder, save_mae
 
 # Settings that may differ between a run and its resumption without changing the result.
-RESUME_FREE_KEYS = {"stop_at_step", "progress", "log_every", "keep_checkpoints", "checkpoint_every_steps"}
+# The monitor only reads the model (eval mode, no RNG), so its settings are free too.
+RESUME_FREE_KEYS = {"stop_at_step", "progress", "log_every", "keep_checkpoints", "checkpoint_every_steps", "monitor"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,6 +164,7 @@ def run(config: PretrainConfig) -> Path:
         config.seed,
     )
     viz_set = make_dataset(config, eval_transform(model.img_size, mean, std), in_chans, img_size)
+    monitor = build_monitor(config, viz_set)
 
     precision = resolve_precision(config.mixed_precision, config.cpu)
     accelerator = Accelerator(
@@ -243,6 +247,28 @@ def run(config: PretrainConfig) -> Path:
         return save_reconstruction_grid(run_dir / "recon" / name, raw_model, viz_imgs.to(device), mean, std,
                                         noise=viz_noise.to(device))  # fmt: skip
 
+    run_start = time.perf_counter()
+    monitor_seconds = 0.0
+    random_top1 = previous_random_reading(run_dir / "metrics.jsonl") if resume_from is not None else None
+    pool = raw_model.global_pool if raw_model.cls_token is not None else "avg"
+
+    def watch(epoch: float) -> None:
+        """A monitor reading, logged everywhere; the first one of a fresh run is the random-init reference."""
+        nonlocal monitor_seconds, random_top1
+        if monitor is not None and accelerator.is_main_process:
+            reading = monitor.measure(raw_model, accelerator.device, accelerator.autocast)
+            monitor_seconds += reading.seconds
+            if random_top1 is None:
+                random_top1 = dict(reading.top1)
+            record = monitor_record(state.step, epoch, reading, random_top1)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            accelerator.log({f"monitor/{k}": v for k, v in record.items() if k.startswith("knn_")}, step=state.step)
+            bar_extra.update(knn=f"{reading.top1[pool]:.1f}", knn_rand=f"{random_top1.get(pool, float('nan')):.1f}")
+            say(f"  kNN monitor at epoch {epoch:g}: {monitor_text(reading, random_top1)} [{reading.seconds:.1f} s]")
+        accelerator.wait_for_everyone()
+
     def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
         imgs, noise, _ = batch
         device = accelerator.device
@@ -252,6 +278,7 @@ def run(config: PretrainConfig) -> Path:
     bar = tqdm(total=total_steps, initial=state.step, disable=not show_bar, unit="step", dynamic_ncols=True)
     meter = Throughput()
     window: list[float] = []
+    bar_extra: dict[str, str] = {}
     stop_at = config.stop_at_step
 
     def on_step(info: StepInfo) -> bool:
@@ -260,9 +287,10 @@ def run(config: PretrainConfig) -> Path:
         bar.update(1)
         if info.step % config.log_every == 0 or info.step == total_steps:
             record = {"step": info.step, "epoch": round(info.epoch_float, 4), "loss": sum(window) / len(window),
-                      "lr": info.lr, "images_per_s": round(meter.rate(), 2)}  # fmt: skip
+                      "lr": info.lr, "images_per_s": round(meter.rate(), 2), "stage": "pretrain"}  # fmt: skip
             window.clear()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{info.lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{info.lr:.2e}", img_s=f"{record['images_per_s']:.0f}",
+                            **bar_extra)  # fmt: skip
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
@@ -276,6 +304,8 @@ def run(config: PretrainConfig) -> Path:
         return lr_at(epoch, lr, o.min_lr, o.warmup_epochs, o.epochs)
 
     stopped = False
+    if state.step == 0:
+        watch(0.0)  # random init: the reference every later reading is compared with
     try:
         while state.epoch < o.epochs and not stopped:
             if stop_at is not None and state.step >= stop_at:
@@ -296,6 +326,9 @@ def run(config: PretrainConfig) -> Path:
                 state.epoch += 1
                 state.batch_in_epoch = 0
             draw(f"epoch_{state.epoch:03d}.png")
+            epoch_done = state.batch_in_epoch == 0
+            if epoch_done and (state.epoch % config.monitor.every_epochs == 0 or state.epoch == o.epochs):
+                watch(float(state.epoch))
             save(f"epoch {state.epoch}" if not stopped else f"stopped at step {state.step}")
     except NonFiniteLossError:
         bar.close()
@@ -305,6 +338,10 @@ def run(config: PretrainConfig) -> Path:
         if metrics_file is not None:
             metrics_file.close()
     bar.close()
+    if monitor is not None:
+        elapsed = time.perf_counter() - run_start
+        say(f"  kNN monitor: {monitor_seconds:.0f} s of this session's {elapsed:.0f} s "
+            f"({100 * monitor_seconds / max(elapsed, 1e-9):.1f}%)")  # fmt: skip
 
     if state.epoch >= o.epochs and accelerator.is_main_process:
         facts = {"variant": config.model.name, "mean": list(mean), "std": list(std), "source": config.data.source,
@@ -316,6 +353,49 @@ def run(config: PretrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def build_monitor(config: PretrainConfig, eval_set: Any) -> KnnMonitor | None:
+    """The kNN monitor on a seeded subset of the training split (``eval_set``), or None (disabled / no labels)."""
+    m = config.monitor
+    if not m.enabled:
+        return None
+    monitor = KnnMonitor.from_dataset(eval_set, m.samples, m.query_fraction, config.seed, k=m.k,
+                                      temperature=m.temperature, batch_size=m.batch_size)  # fmt: skip
+    if monitor is None:
+        print(f"mpp pretrain: note: kNN monitor off, {config.data.source} split {config.data.split!r} has no labels")
+    return monitor
+
+
+def monitor_record(step: int, epoch: float, reading: MonitorReading, random_top1: dict[str, float]) -> dict[str, Any]:
+    """The metrics.jsonl record of a monitor reading: ``knn_<pool>`` and ``knn_<pool>_random`` (top-1 %)."""
+    record: dict[str, Any] = {"step": step, "epoch": round(epoch, 4), "stage": "monitor"}
+    for pool, top1 in reading.top1.items():
+        record[f"knn_{pool}"] = round(top1, 2)
+        if pool in random_top1:
+            record[f"knn_{pool}_random"] = round(random_top1[pool], 2)
+    record["monitor_s"] = round(reading.seconds, 2)
+    return record
+
+
+def monitor_text(reading: MonitorReading, random_top1: dict[str, float]) -> str:
+    """``token 74.1% (random 66.6%), avg 75.3% (random 61.6%)``."""
+    return ", ".join(f"{pool} {top1:.2f}% (random {random_top1.get(pool, float('nan')):.2f}%)"
+                     for pool, top1 in reading.top1.items())  # fmt: skip
+
+
+def previous_random_reading(metrics_path: Path) -> dict[str, float] | None:
+    """The random-init monitor reading a resumed run logged at its start, if any."""
+    if not metrics_path.is_file():
+        return None
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("stage") == "monitor" and record.get("step") == 0:
+            return {k[4:]: v for k, v in record.items() if k.startswith("knn_") and not k.endswith("_random")}
+    return None
 
 
 def _flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

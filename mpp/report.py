@@ -110,6 +110,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     ]
     for name, entry in protocols.items():
         lines.append(f"| {name} | {_fmt(entry['top1'])} | {_fmt(entry['top5'])} | {entry.get('summary', '')} |")
+    skipped = results.get("skipped", {})
+    lines += ["", *[f"Not run: {name}: {why}." for name, why in skipped.items()]] if skipped else []
     names = list(next(iter(protocols.values()))["per_class"]) if protocols else []
     if names:
         lines += ["", "Per-class top-1 accuracy (%):", ""]

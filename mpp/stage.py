@@ -314,6 +314,43 @@ def extract_split_features(
     return train_x, train_y, test_x, test_y
 
 
+class FeatureCache:
+    """Features of every labelled train image and of the test split, extracted once and sliced per label budget.
+
+    Valid because the evaluation transform is deterministic: an image's features do not depend on the budget (nor, up
+    to float rounding, on the batch it was extracted in). One cache serves one encoder and one data config; only the
+    label budget may change between calls (the data-efficiency sweep of :mod:`mpp.efficiency`).
+    """
+
+    def __init__(self) -> None:
+        self._feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rows: dict[int, int] = {}  # train dataset index -> row of the cached train features
+        self._test: list[int] = []
+
+    def features(
+        self, classifier: Any, splits: Splits, accelerator: Any, batch_size: int, num_workers: int, progress: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(train_x, train_y, test_x, test_y)`` of ``splits``, like :func:`extract_split_features`."""
+        train, test = splits.train, splits.test
+        if not isinstance(train, Subset) or not isinstance(test, Subset):
+            raise TypeError("FeatureCache needs the Subset splits of build_splits")
+        if self._feats is None:
+            labelled = [i for i, t in enumerate(targets_of(train.dataset)) if t >= 0]
+            everything = Splits(Subset(train.dataset, labelled), test, splits.classes)
+            # DataLoaders draw a seed from torch's global generator: forked, so every budget then starts its probe from
+            # the same random state, whether it extracted the features or found them here.
+            with torch.random.fork_rng(devices=[]):
+                self._feats = extract_split_features(classifier, everything, accelerator, batch_size, num_workers,
+                                                     progress)  # fmt: skip
+            self._rows = {index: row for row, index in enumerate(labelled)}
+            self._test = list(test.indices)
+        elif list(test.indices) != self._test:
+            raise RuntimeError("FeatureCache: the test split changed; a cache serves one encoder and one data config")
+        rows = torch.tensor([self._rows[i] for i in train.indices], dtype=torch.long)
+        train_x, train_y, test_x, test_y = self._feats
+        return train_x[rows], train_y[rows], test_x, test_y
+
+
 def encoder_description(encoder: Any, meta: dict[str, Any], pool: str) -> str:
     """One line: variant, size, grid, pooling."""
     variant = meta.get("variant") or "ViT"

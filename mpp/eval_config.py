@@ -46,6 +46,7 @@ class StageConfig:
     init: str | None = None  # run dir, encoder.safetensors, checkpoint, or "random"
     model: str | None = None  # registry variant for init=random
     global_pool: str | None = None  # token | avg; None: the encoder's own
+    feature_blocks: int = 1  # kNN / probe: concatenate the pooled outputs of the last n blocks (fine-tuning: 1)
     img_size: int | None = None  # evaluate / fine-tune at another resolution (position table resized)
     patch_size: int | None = None  # ... or another patch size (patch-embed kernel resampled)
     labels_per_class: int | None = None
@@ -250,6 +251,7 @@ def validate_stage(config: StageConfig) -> None:
     _check(config.init != "random" or config.model is not None, "model", config.model,
            "init=random needs the architecture: set model=<registry name>, e.g. model=mae_vit_tiny_patch4")  # fmt: skip
     _check(config.global_pool in (None, "token", "avg"), "global_pool", config.global_pool, "must be token or avg")
+    _check(config.feature_blocks >= 1, "feature_blocks", config.feature_blocks, "must be >= 1")
     _positive(config, "", "img_size", "patch_size", "labels_per_class")
     if config.labels_per_class is not None and config.label_fraction is not None:
         raise ConfigError("give labels_per_class or label_fraction, not both")

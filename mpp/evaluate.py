@@ -79,7 +79,8 @@ def run_budget(config: EvaluateConfig, features: FeatureCache | None = None, ski
     mean, std = resolve_stats(config, meta, encoder.in_chans)
     test_tf = eval_tf(config, encoder, mean, std)
     splits = build_splits(config, encoder, test_tf, test_tf)
-    classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True)
+    classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True,
+                               feature_blocks=config.feature_blocks)  # fmt: skip
     accelerator = make_accelerator(config)
     say = accelerator.print
     run_dir = run_dir_of(config, "eval")

@@ -105,7 +105,7 @@ def run(config: KnnConfig) -> Path:
     mean, std = resolve_stats(config, meta, encoder.in_chans)
     tf = eval_tf(config, encoder, mean, std)
     splits = build_splits(config, encoder, tf, tf)
-    classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool)
+    classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, feature_blocks=config.feature_blocks)
     accelerator = make_accelerator(config)
     run_dir = run_dir_of(config, "knn")
     s = config.knn

@@ -317,7 +317,8 @@ def run(config: ProbeConfig) -> Path:
     else:
         train_tf = test_tf
     splits = build_splits(config, encoder, train_tf, test_tf)
-    classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True)
+    classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True,
+                               feature_blocks=config.feature_blocks)  # fmt: skip
     accelerator = make_accelerator(config)
     say = accelerator.print
     run_dir = run_dir_of(config, "probe")

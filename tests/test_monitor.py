@@ -99,3 +99,17 @@ def test_monitor_off_and_every_epochs(tmp_path):
 def test_bad_monitor_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config(PretrainConfig, None, [*TINY, override])
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_feature_blocks_concatenate_the_last_blocks(pool):
+    torch.manual_seed(0)
+    encoder = create_model("mae_vit_micro_patch4").eval()
+    imgs = torch.randn(3, 1, 28, 28)
+    one = ViTClassifier(copy.deepcopy(encoder), 10, pool).eval()
+    two = ViTClassifier(copy.deepcopy(encoder), 10, pool, feature_blocks=2).eval()
+    both = two.forward_features(imgs)
+    assert both.shape == (3, 2 * encoder.embed_dim) and two.head.in_features == 2 * encoder.embed_dim
+    torch.testing.assert_close(both[:, encoder.embed_dim :], one.forward_features(imgs))  # the last block's part
+    with pytest.raises(ValueError, match="feature_blocks must be in"):
+        ViTClassifier(copy.deepcopy(encoder), 10, pool, feature_blocks=3)

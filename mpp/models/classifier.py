@@ -28,8 +28,13 @@ class ViTClassifier(nn.Module):
         global_pool: ``"token"`` or ``"avg"``; ``None`` keeps the encoder's own.
         head_init_std: std of the truncated-normal head weight (bias zero): 2e-5 to fine-tune, 0.01 to probe.
         head_bn: put ``BatchNorm1d(affine=False, eps=1e-6)`` before the linear head (the linear probe's).
+        feature_blocks: pool the outputs of the last ``n`` blocks and concatenate them (``n x D`` features), as
+            DINO's and BEiT's linear evaluations do with the last 4; each block's pooled feature gets the same
+            normalisation as the last one's (``fc_norm`` for ``avg``, the encoder's final norm for ``token``). For the
+            frozen protocols; fine-tuning uses 1.
 
-    Shapes: ``forward_features``: ``[N, C, H, W] -> [N, D]``; ``forward``: ``[N, C, H, W] -> [N, num_classes]``.
+    Shapes: ``forward_features``: ``[N, C, H, W] -> [N, feature_blocks x D]``; ``forward``: ``[N, C, H, W] ->
+    [N, num_classes]``.
     """
 
     def __init__(
@@ -39,6 +44,7 @@ class ViTClassifier(nn.Module):
         global_pool: str | None = None,
         head_init_std: float = FINETUNE_HEAD_STD,
         head_bn: bool = False,
+        feature_blocks: int = 1,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -48,19 +54,23 @@ class ViTClassifier(nn.Module):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {pool!r}")
         if pool == "token" and encoder.cls_token is None:
             raise ValueError("global_pool='token' needs an encoder with a cls token; use global_pool='avg'")
+        if not 1 <= feature_blocks <= len(encoder.blocks):
+            raise ValueError(f"feature_blocks must be in [1, {len(encoder.blocks)}] (the encoder's blocks), "
+                             f"got {feature_blocks}")  # fmt: skip
         self.encoder = encoder
         self.global_pool = pool
         self.num_classes = num_classes
-        self.embed_dim = encoder.embed_dim
+        self.feature_blocks = feature_blocks
+        self.embed_dim = encoder.embed_dim * feature_blocks
         if pool == "avg":
             encoder.norm = nn.Identity()
-            self.fc_norm: nn.Module = LayerNorm6(encoder.embed_dim)
+            self.fc_norm: nn.Module = LayerNorm6(encoder.embed_dim)  # per block: shared by all feature_blocks
         else:
             self.fc_norm = nn.Identity()
-        linear = nn.Linear(encoder.embed_dim, num_classes)
+        linear = nn.Linear(self.embed_dim, num_classes)
         trunc_normal_(linear.weight, std=head_init_std)
         nn.init.zeros_(linear.bias)
-        bn = nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6)
+        bn = nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6)
         self.head = nn.Sequential(bn, linear) if head_bn else linear
 
     @property
@@ -69,11 +79,24 @@ class ViTClassifier(nn.Module):
         return len(self.encoder.blocks)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Pooled features: ``[N, C, H, W] -> [N, D]``."""
-        tokens = self.encoder.forward_features(imgs)  # final norm applied in token mode, identity in avg mode
+        """Pooled features: ``[N, C, H, W] -> [N, feature_blocks x D]``."""
+        if self.feature_blocks == 1:
+            tokens = self.encoder.forward_features(imgs)  # final norm applied in token mode, identity in avg mode
+            return self.pool_block(tokens, last=True)
+        x = self.encoder.prepend_cls(self.encoder.embed_patches(imgs))
+        pooled = []
+        first_kept = len(self.encoder.blocks) - self.feature_blocks
+        for i, block in enumerate(self.encoder.blocks):
+            x = block(x)
+            if i >= first_kept:
+                pooled.append(self.pool_block(x, last=False))
+        return torch.cat(pooled, dim=1)
+
+    def pool_block(self, tokens: torch.Tensor, last: bool) -> torch.Tensor:
+        """One block's pooled feature ``[N, T, D] -> [N, D]``; ``last``: the encoder's own norm already applied."""
         if self.global_pool == "avg":
             return self.fc_norm(tokens[:, self.encoder.num_prefix_tokens :].mean(dim=1))
-        return tokens[:, 0]
+        return tokens[:, 0] if last else self.encoder.norm(tokens[:, 0])  # token mode keeps the encoder's norm
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """Class logits: ``[N, C, H, W] -> [N, num_classes]``."""

@@ -1,0 +1,122 @@
+"""Recipe ablation on Fashion-MNIST: pretrain each setting, then judge its encoder the same way.
+
+Each row runs ``mpp pretrain --recipe BASE <overrides>`` into ``runs/ablation/<name>`` (skipped when the run already
+finished), times it, reads the kNN monitor's last reading from metrics.jsonl (both poolings, on a train-split
+subset), then runs ``mpp evaluate`` (kNN + cached linear probe, avg pooling by default) on the test set with
+``--labels`` labelled training images per class. Results are appended to a JSON file and printed as a markdown table.
+Run one at a time on an idle machine: minutes are wall-clock.
+
+    .venv/bin/python benchmarks/ablate_fmnist.py --base recipes/fmnist_demo.yaml \\
+        --row "paper_blr:optim.blr=1.5e-4" --row "blr1.5e-3:optim.blr=1.5e-3" --out benchmarks/results/ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MPP = [sys.executable, "-m", "mpp"]
+
+
+def cpu_name() -> str:
+    """The CPU model (recorded with every figure: speed differs a lot between the machines this runs on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def last_monitor(run_dir: Path) -> dict:
+    """The last kNN monitor record of a run (``{}`` if none)."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    monitor = [r for r in records if r.get("stage") == "monitor"]
+    losses = [r["loss"] for r in records if "loss" in r]
+    out = dict(monitor[-1]) if monitor else {}
+    out["final_loss"] = round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None
+    return out
+
+
+def pretrain(base: str, overrides: list[str], run_dir: Path) -> float:
+    """Run the pretraining unless finished; wall minutes (0 when it was already there)."""
+    if (run_dir / "encoder.safetensors").is_file():
+        return 0.0
+    start = time.perf_counter()
+    cmd = [*MPP, "pretrain", "--recipe", base, *overrides, f"output_dir={run_dir}", "progress=false"]
+    subprocess.run(cmd, check=True)
+    return (time.perf_counter() - start) / 60
+
+
+def evaluate(init: str, out: Path, labels: int | None, pool: str, extra: list[str]) -> dict:
+    """kNN and cached linear probe top-1 (%) on the test set."""
+    budget = [f"labels_per_class={labels}"] if labels else []
+    cmd = [*MPP, "evaluate", init, "--recipe", "recipes/evaluate_fmnist.yaml", f"global_pool={pool}",
+           f"output_dir={out}", "progress=false", *budget, *extra]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    results = json.loads((out / "results.json").read_text())["protocols"]
+    return {"knn": results["knn"]["top1"], "probe": results["probe"]["top1"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="base pretraining recipe")
+    parser.add_argument(
+        "--row", action="append", default=[], help="NAME:override override ... ('random' = no pretraining)"
+    )
+    parser.add_argument(
+        "--labels",
+        type=int,
+        default=1000,
+        help="labels per class for evaluation (0 = all, -1 = no evaluation: the monitor only)",
+    )
+    parser.add_argument("--pool", default="avg", choices=["avg", "token"])
+    parser.add_argument("--model", default="mae_vit_tiny_patch4", help="architecture of the 'random' row")
+    parser.add_argument("--out", default="benchmarks/results/ablation_fmnist.json")
+    args = parser.parse_args()
+    out_path = Path(args.out)
+    table = json.loads(out_path.read_text()) if out_path.is_file() else {"cpu": cpu_name(), "rows": {}}
+    for spec in args.row:
+        name, _, rest = spec.partition(":")
+        overrides = rest.split()
+        run_dir = Path("runs/ablation") / name
+        key = f"{name}@{args.labels or 'all'}/{args.pool}"
+        if name == "random":
+            row = {"base": None, "overrides": [], "minutes": 0.0}
+            row.update(evaluate("random", run_dir / key.replace("/", "_"), args.labels, args.pool,
+                                [f"model={args.model}"]))  # fmt: skip
+        else:
+            minutes = pretrain(args.base, overrides, run_dir)
+            row = {"base": args.base, "overrides": overrides}
+            row["minutes"] = round(minutes, 2) if minutes else table["rows"].get(key, {}).get("minutes")
+            row.update(last_monitor(run_dir))
+            if args.labels < 0:  # the monitor's reading only
+                row.update(knn=float("nan"), probe=float("nan"))
+            else:
+                eval_dir = run_dir / f"eval_{key.split('@')[1].replace('/', '_')}"
+                row.update(evaluate(str(run_dir), eval_dir, args.labels, args.pool, []))
+        row.update(labels_per_class=args.labels or "all", pool=args.pool)
+        table["rows"][key] = row
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(table, indent=1))
+        print(json.dumps({key: row}), flush=True)
+    print(f"\nCPU: {table['cpu']}\n")
+    print("| row | overrides | minutes | loss | monitor kNN token / avg | kNN | probe | labels/class, pool |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for key, r in table["rows"].items():
+        mon = f"{r.get('knn_token', '-')} / {r.get('knn_avg', '-')}"
+        print(
+            f"| {key.split('@')[0]} | `{' '.join(r['overrides'])}` | {r['minutes']} | {r.get('final_loss', '-')} | "
+            f"{mon} | {r['knn']:.2f} | {r['probe']:.2f} | {r['labels_per_class']}, {r['pool']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -73,7 +73,8 @@ def check_budgets(config: EvaluateConfig, encoder: ViTEncoder) -> None:
 def scratch_config(config: EvaluateConfig, encoder: ViTEncoder, meta: dict[str, Any]) -> EvaluateConfig:
     """The baseline's config: ``scratch_init``, else the encoder's registry variant from random init.
 
-    A random-init baseline gets the encoder's normalisation and resolution, so the two see identical inputs.
+    A random-init baseline gets the encoder's normalisation, resolution and pooling, so the two see identical inputs
+    and are read out the same way.
 
     Args:
         config: the sweep's config.
@@ -93,7 +94,9 @@ def scratch_config(config: EvaluateConfig, encoder: ViTEncoder, meta: dict[str, 
     mean, std = resolve_stats(config, meta, encoder.in_chans)
     img_size, patch = config.img_size or encoder.img_size[0], config.patch_size or encoder.patch_size
     data = replace(config.data, mean=mean, std=std)
-    return replace(config, init="random", model=variant, data=data, img_size=img_size, patch_size=patch)
+    pool = config.global_pool or encoder.global_pool  # a registry variant's own pooling may differ from the run's
+    return replace(config, init="random", model=variant, data=data, img_size=img_size, patch_size=patch,
+                   global_pool=pool)  # fmt: skip
 
 
 def contenders(

@@ -29,7 +29,9 @@ SYNTH = ["data.source=synthetic", "data.synthetic_size=64", "data.num_workers=0"
 @pytest.fixture(scope="module")
 def encoder_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("pretrained")
-    save_encoder(mpp.create_model(MICRO), run / "encoder.safetensors", variant=MICRO, mean=[0.34], std=[0.22])
+    # avg pooling, unlike the registry variant's default (token): the baseline must follow the run, not the registry
+    encoder = mpp.create_model(MICRO, global_pool="avg")
+    save_encoder(encoder, run / "encoder.safetensors", variant=MICRO, mean=[0.34], std=[0.22])
     return run
 
 
@@ -122,6 +124,7 @@ def test_sweep_table_and_plot(sweep_dir):
 def test_random_baseline_has_the_encoders_variant_and_inputs(sweep_dir):
     results = json.loads((sweep_dir / "scratch/4_per_class/results.json").read_text())
     assert results["init"] == "random" and results["variant"] == MICRO
+    assert results["global_pool"] == "avg"  # read out like the pretrained encoder
     config = yaml.safe_load((sweep_dir / "scratch/4_per_class/config.yaml").read_text())
     assert config["init"] == "random" and config["model"] == MICRO and config["budgets"] is None
     assert config["data"]["mean"] == [0.34] and config["data"]["std"] == [0.22]  # the encoder's normalisation

@@ -164,13 +164,14 @@ def run(config: PretrainConfig) -> Path:
         config.seed,
     )
     viz_set = make_dataset(config, eval_transform(model.img_size, mean, std), in_chans, img_size)
-    monitor = build_monitor(config, viz_set)
 
     precision = resolve_precision(config.mixed_precision, config.cpu)
     accelerator = Accelerator(
         mixed_precision=precision, cpu=use_cpu(config.cpu), log_with="tensorboard", project_dir=str(run_dir)
     )
     world = accelerator.num_processes
+    # One process measures; the others would only hold a second copy of the cached subset.
+    monitor = build_monitor(config, viz_set) if accelerator.is_main_process else None
     eff_batch = effective_batch(o.batch_size, o.accum_steps, world)
     lr = o.lr if o.lr is not None else absolute_lr(o.blr, eff_batch)
     micro_per_epoch = batches_per_epoch(len(dataset), o.batch_size, world)

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from mpp.knn import knn_scores
 from mpp.models.vit import ViTEncoder
 from mpp.sampling import mix_seed
+from mpp.stage import targets_of
 
 CACHE_FP32_BYTES = 512 * 2**20
 
@@ -36,15 +37,6 @@ class MonitorReading:
 
     top1: dict[str, float]
     seconds: float
-
-
-def dataset_targets(dataset: Dataset) -> list[int]:
-    """Labels of a dataset or of (nested) :class:`~torch.utils.data.Subset` s of one, without decoding images."""
-    indices = getattr(dataset, "indices", None)
-    if indices is not None:
-        base = dataset_targets(dataset.dataset)  # type: ignore[attr-defined]
-        return [base[i] for i in indices]
-    return list(getattr(dataset, "targets", []))
 
 
 def pooled_features(encoder: ViTEncoder, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -106,7 +98,7 @@ class KnnMonitor:
 
         Returns ``None`` when fewer than two classes are labelled (nothing to classify).
         """
-        targets = dataset_targets(dataset)
+        targets = targets_of(dataset)
         labelled = [i for i, t in enumerate(targets) if t >= 0]
         if len({targets[i] for i in labelled}) < 2:
             return None

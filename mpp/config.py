@@ -15,9 +15,49 @@ from typing import Any
 
 import yaml
 
+from mpp.data import SOURCES
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the key and the value."""
+
+
+PRECISIONS = ("auto", "fp32", "no", "bf16", "fp16")  # fp32 == no (accelerate's spelling); auto: bf16 on CUDA only
+
+
+@dataclass
+class SourceConfig:
+    """Where images come from: what pretraining and every evaluation stage share in their ``data`` section."""
+
+    source: str = "fashion-mnist"
+    path: str | None = None
+    image_column: str = "image"
+    label_column: str | None = "label"
+    cache_dir: str | None = None
+    mean: list[float] | None = None  # None: the source's defaults (evaluation: the encoder's recorded statistics)
+    std: list[float] | None = None
+    num_workers: int = 2
+    synthetic_size: int = 512
+    synthetic_classes: int = 4
+
+
+@dataclass
+class ScheduleConfig:
+    """What every training schedule has (``optim``, ``probe``, ``finetune``); each section sets its own defaults.
+
+    ``lr = blr * effective_batch / 256`` unless ``lr`` is set; linear warmup then half-cycle cosine to ``min_lr``;
+    ``min_steps`` stretches the epochs of a small (few-label) training set until it gets that many optimiser steps.
+    """
+
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    batch_size: int = 64
+    accum_steps: int = 1
+    blr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    min_steps: int = 0
+    weight_decay: float = 0.05
 
 
 @dataclass
@@ -36,37 +76,19 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where images come from and how they are augmented for pretraining."""
+class DataConfig(SourceConfig):
+    """Pretraining images: the source, the split, and their augmentation."""
 
-    source: str = "fashion-mnist"
-    path: str | None = None
     split: str = "train"
-    image_column: str = "image"
-    label_column: str | None = "label"
-    mean: list[float] | None = None
-    std: list[float] | None = None
     crop_scale_min: float = 0.2
     hflip: bool = True
-    num_workers: int = 2
     limit: int | None = None
-    synthetic_size: int = 512
-    synthetic_classes: int = 4
-    cache_dir: str | None = None
 
 
 @dataclass
-class OptimConfig:
-    """Optimiser and schedule, as the paper: AdamW (0.9, 0.95), ``lr = blr * effective_batch / 256``."""
+class OptimConfig(ScheduleConfig):
+    """Pretraining optimiser and schedule, as the paper: AdamW (0.9, 0.95), ``lr = blr * effective_batch / 256``."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    accum_steps: int = 1
-    blr: float = 1.5e-4
-    lr: float | None = None
-    min_lr: float = 0.0
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float | None = None
 
@@ -174,8 +196,11 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if f.name not in data:
             continue
         tp = hints[f.name]
+        value = data[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, str) and "name" in {g.name for g in fields(tp)}:
+            value = {"name": value}  # model=mae_vit_tiny_patch4 means model.name=..., the spelling every stage uses
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = from_dict(tp, data[f.name], f"{prefix}{f.name}.")
+            kwargs[f.name] = from_dict(tp, value, f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, f"{prefix}{f.name}")
     return cls(**kwargs)
@@ -214,11 +239,33 @@ def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file; an empty file is an empty recipe."""
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe file; an empty file is an empty recipe.
+
+    ``include: other.yaml`` (or a list of files; paths relative to the recipe) loads those recipes first and lays
+    this one's keys over them, section by section, so a recipe states only what differs from the ones it builds on.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+        where = f" (included from {_seen[-1]})" if _seen else ""
+        raise ConfigError(f"recipe file {str(path)!r} does not exist{where}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: includes itself (through {' -> '.join(p.name for p in _seen)})")
+    data = _read_yaml(path)
+    includes = data.pop("include", None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: include must be a file name or a list of them, got {includes!r}")
+    merged: dict[str, Any] = {}
+    for name in includes:
+        deep_update(merged, load_yaml(path.parent / name, (*_seen, path.resolve())))
+    return deep_update(merged, data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -248,6 +295,44 @@ def to_dict(config: Any) -> dict[str, Any]:
 def _check(condition: bool, key: str, value: Any, why: str) -> None:
     if not condition:
         raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def check_positive(section: Any, prefix: str, *names: str) -> None:
+    """Each named field is ``None`` or > 0."""
+    for name in names:
+        value = getattr(section, name)
+        _check(value is None or value > 0, f"{prefix}{name}", value, "must be positive")
+
+
+def check_schedule(section: ScheduleConfig, prefix: str) -> None:
+    """A schedule section's impossible values."""
+    check_positive(section, prefix, "epochs", "batch_size", "accum_steps", "blr", "lr")
+    _check(0 <= section.warmup_epochs <= section.epochs, f"{prefix}warmup_epochs", section.warmup_epochs,
+           "must be in [0, epochs]")  # fmt: skip
+    _check(section.min_lr >= 0, f"{prefix}min_lr", section.min_lr, "must be >= 0")
+    _check(section.min_steps >= 0, f"{prefix}min_steps", section.min_steps, "must be >= 0")
+    _check(section.weight_decay >= 0, f"{prefix}weight_decay", section.weight_decay, "must be >= 0")
+    betas = getattr(section, "betas", None)
+    if betas is not None:
+        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"{prefix}betas", betas,
+               "must be two values in [0, 1)")  # fmt: skip
+    check_positive(section, prefix, *(n for n in ("clip_grad", "log_every") if hasattr(section, n)))
+
+
+def check_source(d: SourceConfig) -> None:
+    """A data section's impossible values (the parts every stage shares)."""
+    _check(d.source in SOURCES, "data.source", d.source, f"must be one of {', '.join(SOURCES)}")
+    _check(d.source not in ("folder", "hf") or bool(d.path), "data.path", d.path, f"is required for source {d.source}")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("data.mean and data.std must be given together")
+    if d.std is not None:
+        _check(all(s > 0 for s in d.std), "data.std", d.std, "must be positive")
+
+
+def check_precision(value: str) -> None:
+    """``mixed_precision`` is one every stage accepts."""
+    _check(value in PRECISIONS, "mixed_precision", value, f"must be one of {', '.join(PRECISIONS)}")
 
 
 def validate_model(model: ModelConfig, prefix: str = "model.") -> None:
@@ -290,28 +375,11 @@ def model_overrides(model: ModelConfig) -> dict[str, Any]:
 def validate(config: PretrainConfig) -> None:
     """Check every impossible value of a pretraining config."""
     validate_model(config.model)
-    d, o = config.data, config.optim
-    sources = ("fashion-mnist", "folder", "hf", "synthetic")
-    _check(d.source in sources, "data.source", d.source, f"must be one of {', '.join(sources)}")
-    _check(d.source not in ("folder", "hf") or bool(d.path), "data.path", d.path, f"is required for source {d.source}")
+    d = config.data
+    check_source(d)
     _check(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", d.crop_scale_min, "must be in (0, 1]")
-    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
-    if (d.mean is None) != (d.std is None):
-        raise ConfigError("data.mean and data.std must be given together")
-    if d.std is not None:
-        _check(all(s > 0 for s in d.std), "data.std", d.std, "must be positive")
-    _check(o.epochs > 0, "optim.epochs", o.epochs, "must be positive")
-    _check(o.batch_size > 0, "optim.batch_size", o.batch_size, "must be positive")
-    _check(o.accum_steps > 0, "optim.accum_steps", o.accum_steps, "must be positive")
-    _check(o.blr > 0, "optim.blr", o.blr, "must be positive")
-    _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "must be positive")
-    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs, "must be in [0, epochs]")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "must be two values in [0, 1)"
-    )
-    _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "must be positive")
+    check_schedule(config.optim, "optim.")
     m = config.monitor
     _check(m.every_epochs > 0, "monitor.every_epochs", m.every_epochs, "must be positive")
     _check(m.samples >= 2, "monitor.samples", m.samples, "must be at least 2 (a bank and a query)")
@@ -319,10 +387,7 @@ def validate(config: PretrainConfig) -> None:
     _check(m.k > 0, "monitor.k", m.k, "must be positive")
     _check(m.temperature > 0, "monitor.temperature", m.temperature, "must be positive")
     _check(m.batch_size > 0, "monitor.batch_size", m.batch_size, "must be positive")
-    precisions = ("auto", "fp32", "no", "fp16", "bf16")
-    _check(
-        config.mixed_precision in precisions, "mixed_precision", config.mixed_precision, f"must be one of {precisions}"
-    )
+    check_precision(config.mixed_precision)
     _check(config.log_every > 0, "log_every", config.log_every, "must be positive")
     _check(config.keep_checkpoints > 0, "keep_checkpoints", config.keep_checkpoints, "must be positive")
     _check(

@@ -11,32 +11,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpp.config import ConfigError, from_dict, load_yaml, merge, parse_override
+from mpp.config import (
+    ConfigError,
+    ScheduleConfig,
+    SourceConfig,
+    check_positive,
+    check_precision,
+    check_schedule,
+    check_source,
+    from_dict,
+    load_yaml,
+    merge,
+    parse_override,
+)
 
 PROBE_MODES = ("full", "cached")
-PRECISIONS = ("auto", "no", "fp16", "bf16")
-SOURCES = ("fashion-mnist", "folder", "hf", "synthetic")
 
 
 @dataclass
-class EvalDataConfig:
-    """Labelled train and test splits, and how images are fed to the encoder."""
+class EvalDataConfig(SourceConfig):
+    """Labelled images for evaluation: the source, its train and test splits, evaluation-time settings."""
 
-    source: str = "fashion-mnist"
-    path: str | None = None
     train_split: str = "train"
     test_split: str = "test"
-    image_column: str = "image"
-    label_column: str | None = "label"
-    cache_dir: str | None = None
-    mean: list[float] | None = None  # None: the encoder's recorded statistics, else the source's defaults
-    std: list[float] | None = None
     crop_pct: float | None = None  # evaluation center crop; the paper's ImageNet runs use 0.875 (256 -> 224)
-    num_workers: int = 2
     batch_size: int = 256  # feature extraction and evaluation batch
     test_limit: int | None = None  # a seeded subset of the test split, for quick checks only
-    synthetic_size: int = 512
-    synthetic_classes: int = 4
 
 
 @dataclass
@@ -70,44 +70,36 @@ class KnnSettings:
 
 
 @dataclass
-class ProbeSettings:
+class ProbeSettings(ScheduleConfig):
     """Linear probe: BatchNorm (no affine) + linear head on frozen features, LARS, warmup + cosine."""
 
-    mode: str = "full"  # full: augmented images through the frozen encoder; cached: features once, lr sweep
     epochs: int = 90
     warmup_epochs: float = 10.0
     batch_size: int = 256
-    accum_steps: int = 1
     blr: float = 0.1
-    lr: float | None = None
-    min_lr: float = 0.0
-    min_steps: int = 0  # small (few-label) training sets: raise epochs until this many optimiser steps
+    weight_decay: float = 0.0
+    mode: str = "full"  # full: augmented images through the frozen encoder; cached: features once, lr sweep
+    log_every: int = 10
     # Cached mode: one head per blr. LARS steps are a fraction (lr x 0.001) of the weight norm, so runs with far fewer
     # or smaller steps than the paper's (batch 16384, 90 epochs) need a larger blr; the sweep spans that range.
     blr_sweep: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
     val_fraction: float = 0.1  # cached mode: held out of the train split to choose the lr
-    weight_decay: float = 0.0
     momentum: float = 0.9
     crop_scale_min: float = 0.08
     hflip: bool = True
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(ScheduleConfig):
     """Full fine-tuning, the paper's ViT-B recipe by default (AdamW, layer decay, drop path, RandAug, mixup)."""
 
     epochs: int = 100
     warmup_epochs: float = 5.0
-    batch_size: int = 64
-    accum_steps: int = 1
     blr: float = 5e-4
-    lr: float | None = None
     min_lr: float = 1e-6
-    weight_decay: float = 0.05
     layer_decay: float = 0.65
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float | None = None
-    min_steps: int = 0  # small (few-label) training sets: raise epochs until this many optimiser steps
     drop_path_rate: float = 0.1
     smoothing: float = 0.1
     mixup: float = 0.8
@@ -222,19 +214,8 @@ def _check(condition: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
-def _positive(section: Any, prefix: str, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        _check(value is None or value > 0, f"{prefix}{name}", value, "must be positive")
-
-
 def _check_schedule(section: Any, prefix: str) -> None:
-    _positive(section, prefix, "epochs", "batch_size", "accum_steps", "blr", "lr")
-    _check(0 <= section.warmup_epochs <= section.epochs, f"{prefix}warmup_epochs", section.warmup_epochs,
-           "must be in [0, epochs]")  # fmt: skip
-    _check(section.min_lr >= 0, f"{prefix}min_lr", section.min_lr, "must be >= 0")
-    _check(section.min_steps >= 0, f"{prefix}min_steps", section.min_steps, "must be >= 0")
-    _check(section.weight_decay >= 0, f"{prefix}weight_decay", section.weight_decay, "must be >= 0")
+    check_schedule(section, prefix)
     _check(0.0 < section.crop_scale_min <= 1.0, f"{prefix}crop_scale_min", section.crop_scale_min, "must be in (0, 1]")
 
 
@@ -252,7 +233,7 @@ def validate_stage(config: StageConfig) -> None:
            "init=random needs the architecture: set model=<registry name>, e.g. model=mae_vit_tiny_patch4")  # fmt: skip
     _check(config.global_pool in (None, "token", "avg"), "global_pool", config.global_pool, "must be token or avg")
     _check(config.feature_blocks >= 1, "feature_blocks", config.feature_blocks, "must be >= 1")
-    _positive(config, "", "img_size", "patch_size", "labels_per_class")
+    check_positive(config, "", "img_size", "patch_size", "labels_per_class")
     if config.labels_per_class is not None and config.label_fraction is not None:
         raise ConfigError("give labels_per_class or label_fraction, not both")
     budgets = getattr(config, "budgets", None)
@@ -261,21 +242,14 @@ def validate_stage(config: StageConfig) -> None:
                           "label_fraction")  # fmt: skip
     _check(config.label_fraction is None or 0 < config.label_fraction <= 1, "label_fraction", config.label_fraction,
            "must be in (0, 1]")  # fmt: skip
-    _check(config.mixed_precision in PRECISIONS, "mixed_precision", config.mixed_precision,
-           f"must be one of {PRECISIONS}")  # fmt: skip
+    check_precision(config.mixed_precision)
     d = config.data
-    _check(d.source in SOURCES, "data.source", d.source, f"must be one of {', '.join(SOURCES)}")
-    _check(d.source not in ("folder", "hf") or bool(d.path), "data.path", d.path, f"is required for source {d.source}")
-    if (d.mean is None) != (d.std is None):
-        raise ConfigError("data.mean and data.std must be given together")
-    if d.std is not None:
-        _check(all(s > 0 for s in d.std), "data.std", d.std, "must be positive")
+    check_source(d)
     _check(d.crop_pct is None or 0 < d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
-    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    _positive(d, "data.", "batch_size", "test_limit")
+    check_positive(d, "data.", "batch_size", "test_limit")
     knn = getattr(config, "knn", None)
     if knn is not None:
-        _positive(knn, "knn.", "k", "temperature", "query_chunk")
+        check_positive(knn, "knn.", "k", "temperature", "query_chunk")
     probe = getattr(config, "probe", None)
     if probe is not None:
         _check(probe.mode in PROBE_MODES, "probe.mode", probe.mode, f"must be one of {PROBE_MODES}")
@@ -288,9 +262,6 @@ def validate_stage(config: StageConfig) -> None:
     if ft is not None:
         _check_schedule(ft, "finetune.")
         _check(0 < ft.layer_decay <= 1, "finetune.layer_decay", ft.layer_decay, "must be in (0, 1]")
-        _check(len(ft.betas) == 2 and all(0 <= b < 1 for b in ft.betas), "finetune.betas", ft.betas,
-               "must be two values in [0, 1)")  # fmt: skip
-        _positive(ft, "finetune.", "clip_grad", "log_every")
         _check(0 <= ft.drop_path_rate < 1, "finetune.drop_path_rate", ft.drop_path_rate, "must be in [0, 1)")
         _check(0 <= ft.smoothing < 1, "finetune.smoothing", ft.smoothing, "must be in [0, 1)")
         _check(ft.mixup >= 0, "finetune.mixup", ft.mixup, "must be >= 0 (0 turns mixup off)")

@@ -44,12 +44,12 @@ from mpp.stage import (
     encoder_description,
     eval_tf,
     extract_split_features,
-    make_accelerator,
     move_to_grid,
     resolve_stats,
     results_header,
     run_dir_of,
     save_run_config,
+    stage_accelerator,
     stage_encoder,
     stage_main,
 )
@@ -81,7 +81,7 @@ def run_budget(config: EvaluateConfig, features: FeatureCache | None = None, ski
     splits = build_splits(config, encoder, test_tf, test_tf)
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True,
                                feature_blocks=config.feature_blocks)  # fmt: skip
-    accelerator = make_accelerator(config)
+    accelerator = stage_accelerator(config)
     say = accelerator.print
     run_dir = run_dir_of(config, "eval")
     say(f"mpp evaluate: {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")

@@ -31,15 +31,16 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 import mpp
+from mpp.checkpoint import Checkpoint
 from mpp.data.augment import finetune_transform
-from mpp.engine import StepInfo, Throughput, TrainState, train_one_epoch
+from mpp.engine import FitHooks, StepInfo, plan_schedule
 from mpp.eval_config import FinetuneConfig
 from mpp.metrics import classification_metrics
 from mpp.models.classifier import FINETUNE_HEAD_STD, ViTClassifier
 from mpp.models.vit import ViTEncoder
-from mpp.optim import absolute_lr, effective_batch, layer_decay_param_groups, lr_at
+from mpp.optim import layer_decay_param_groups
 from mpp.report import write_results
-from mpp.sampling import batches_per_epoch, epoch_loader
+from mpp.runtime import atomic_path
 from mpp.stage import (
     SeededItems,
     Splits,
@@ -48,15 +49,15 @@ from mpp.stage import (
     build_splits,
     encoder_description,
     eval_tf,
-    loader_workers,
-    make_accelerator,
     resolve_stats,
     results_header,
     run_dir_of,
     save_run_config,
+    stage_accelerator,
+    stage_checkpoint,
     stage_encoder,
     stage_main,
-    stretch_schedule,
+    train_stage,
 )
 
 CLASSIFIER_FORMAT = "mpp.classifier.v1"
@@ -91,9 +92,8 @@ def save_classifier(path: Path, model: ViTClassifier, **extra: Any) -> Path:
     meta = {"format": CLASSIFIER_FORMAT, "mpp_version": mpp.__version__, "encoder": model.encoder.encoder_config,
             "num_classes": model.num_classes, "global_pool": model.global_pool, **extra}  # fmt: skip
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     return path
 
 
@@ -116,52 +116,44 @@ def finetune(
     classifier: ViTClassifier,
     splits: Splits,
     accelerator: Accelerator,
-    run_dir: Path,
+    run_dir: Path | None,
     say: Callable[[str], None] = print,
+    found: Checkpoint | None = None,
 ) -> tuple[dict[str, dict[str, Any]], ViTClassifier]:
-    """Fine-tune ``classifier`` on ``splits.train`` and measure it on ``splits.test``.
+    """Fine-tune ``classifier`` on ``splits.train`` (from ``found`` if resuming) and measure it on ``splits.test``.
 
     Returns:
         ``({"finetune": entry[, "finetune_ema": entry]}, trained classifier)``.
     """
     f, d = config.finetune, config.data
-    world = accelerator.num_processes
     train = SeededItems(splits.train, config.seed)
     mixing = f.mixup > 0 or f.cutmix > 0
-    batch = min(f.batch_size, len(train) // world)
-    batch -= batch % 2 if mixing else 0  # timm's Mixup pairs each image with its mirror in the batch
-    if batch < 2:
-        raise ValueError(f"{len(train)} training images cannot make a batch of 2 per process on {world} processes")
-    eff = effective_batch(batch, f.accum_steps, world)
-    lr = f.lr if f.lr is not None else absolute_lr(f.blr, eff)
-    steps_per_epoch = batches_per_epoch(len(train), batch, world) // f.accum_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"finetune.accum_steps={f.accum_steps} leaves no full optimiser step per epoch; lower it")
-    epochs, warmup = stretch_schedule(f.epochs, f.warmup_epochs, steps_per_epoch, f.min_steps)
-    total = steps_per_epoch * epochs
-    clipped = " (batch_size clipped to the training set)" if batch < f.batch_size else ""
-    say(f"  effective batch {eff} = {batch} x {f.accum_steps} accum x {world} procs{clipped}; lr {lr:.3g} = blr "
-        f"{f.blr:g} x {eff} / 256" + (" (finetune.lr set directly)" if f.lr is not None else ""))  # fmt: skip
-    say(f"  {steps_per_epoch} steps/epoch x {epochs} epochs = {total} steps (warmup {warmup:g} epochs); layer decay "
-        f"{f.layer_decay:g}, wd {f.weight_decay:g}, drop path {f.drop_path_rate:g}, mixup {f.mixup:g}, cutmix "
-        f"{f.cutmix:g}, smoothing {f.smoothing:g}, RandAugment {f.rand_augment}, erasing {f.reprob:g}"
+    schedule = plan_schedule(f, len(train), accelerator.num_processes, "finetune", clip_batch=True, even_batch=mixing)
+    say(schedule.describe("finetune"))
+    say(f"  layer decay {f.layer_decay:g}, wd {f.weight_decay:g}, drop path {f.drop_path_rate:g}, mixup {f.mixup:g}, "
+        f"cutmix {f.cutmix:g}, smoothing {f.smoothing:g}, RandAugment {f.rand_augment}, erasing {f.reprob:g}"
         + (f", EMA {f.ema_decay:g}" if f.ema else ""))  # fmt: skip
 
     groups = layer_decay_param_groups(classifier, f.weight_decay, f.layer_decay, classifier.depth)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(f.betas[0], f.betas[1]))
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=(f.betas[0], f.betas[1]))
     mixup = None
     if mixing:
         mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
                       mode="batch", label_smoothing=f.smoothing, num_classes=splits.num_classes)  # fmt: skip
     criterion = loss_for(mixup, f.smoothing)
-    model, optimizer = accelerator.prepare(classifier, optimizer)
-    raw: ViTClassifier = accelerator.unwrap_model(model)
-    ema = None
-    if f.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(raw, decay=f.ema_decay)
     device = accelerator.device
+    ema: Any = None
+    live: list[nn.Module] = []  # the unwrapped model being trained, once prepared
+
+    def start_ema(raw: nn.Module, found: Checkpoint | None) -> None:
+        nonlocal ema
+        live.append(raw)
+        if f.ema:
+            from timm.utils import ModelEmaV3
+
+            ema = ModelEmaV3(raw, decay=f.ema_decay)
+            if found is not None and "ema" in found.optimizer_state:
+                ema.module.load_state_dict(found.optimizer_state["ema"])
 
     def loss_fn(m: nn.Module, batch_: Any) -> torch.Tensor:
         imgs, target = batch_
@@ -172,43 +164,15 @@ def finetune(
             imgs, target = mixup(imgs, target)
         return criterion(m(imgs), target)
 
-    def lr_fn(epoch: float) -> float:
-        return lr_at(epoch, lr, f.min_lr, warmup, epochs)
-
-    log = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None  # noqa: SIM115
-    meter, window = Throughput(), []
-
-    def on_step(info: StepInfo) -> None:
+    def update_ema(info: StepInfo) -> None:
         if ema is not None:
-            ema.update(raw, step=info.step)
-        meter.update(info.images)
-        window.append(info.loss)
-        if log is not None and (info.step % f.log_every == 0 or info.step == total):
-            log.write(json.dumps({"step": info.step, "epoch": round(info.epoch_float, 4), "loss": sum(window) /
-                                  len(window), "lr": info.lr, "images_per_s": round(meter.rate(reset=False), 2)})
-                      + "\n")  # fmt: skip
-            log.flush()
+            ema.update(live[0], step=info.step)
 
-    workers = loader_workers(d.num_workers, steps_per_epoch * f.accum_steps * batch * world)
-    state = TrainState()
-    try:
-        for epoch in range(epochs):
-            state.epoch, state.batch_in_epoch = epoch, 0
-            loader = epoch_loader(train, batch, epoch, rank=accelerator.process_index, world_size=world,
-                                  seed=config.seed, num_workers=workers,
-                                  pin_memory=device.type == "cuda")  # fmt: skip
-            usable = steps_per_epoch * f.accum_steps
-            batches = (b for i, b in enumerate(loader) if i < usable)
-            train_one_epoch(accelerator, model, optimizer, batches, loss_fn, state, lr_fn=lr_fn,
-                            steps_per_epoch=steps_per_epoch, accum_steps=f.accum_steps, clip_grad=f.clip_grad,
-                            seed=config.seed, on_step=on_step)  # fmt: skip
-            if epoch == 0 or (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:
-                say(f"  epoch {epoch + 1}/{epochs}: loss {sum(window) / max(len(window), 1):.4f}, "
-                    f"{meter.rate():.0f} img/s")  # fmt: skip
-            window.clear()
-    finally:
-        if log is not None:
-            log.close()
+    raw = train_stage(config, "finetune", classifier, optimizer, loss_fn, schedule, train, accelerator, run_dir, found,
+                      log_every=f.log_every, clip_grad=f.clip_grad, on_prepared=start_ema,
+                      hooks=FitHooks(on_step=update_ema),
+                      extra_state=lambda: {"ema": ema.module.state_dict()} if ema is not None else {},
+                      say=say)  # fmt: skip
 
     entries: dict[str, dict[str, Any]] = {}
     models = {"finetune": raw} | ({"finetune_ema": ema.module} if ema is not None else {})
@@ -216,10 +180,12 @@ def finetune(
         net.eval()
         logits, target = batched(net, splits.test, accelerator, d.batch_size, d.num_workers, "test", config.progress)
         entry = classification_metrics(logits, target, splits.classes)
-        entry.update(blr=f.blr, lr=lr, effective_batch=eff, epochs=epochs, warmup_epochs=warmup, steps=state.step,
-                     train_size=len(train), layer_decay=f.layer_decay, drop_path_rate=f.drop_path_rate)  # fmt: skip
-        entry["summary"] = (f"{'EMA, ' if name.endswith('ema') else ''}{epochs} ep ({state.step} steps), "
-                            f"blr {f.blr:g}, batch {eff}, layer decay {f.layer_decay:g}")  # fmt: skip
+        entry.update(blr=f.blr, lr=schedule.lr, effective_batch=schedule.effective_batch, epochs=schedule.epochs,
+                     warmup_epochs=schedule.warmup_epochs, steps=schedule.total_steps, train_size=len(train),
+                     layer_decay=f.layer_decay, drop_path_rate=f.drop_path_rate)  # fmt: skip
+        entry["summary"] = (f"{'EMA, ' if name.endswith('ema') else ''}{schedule.epochs} ep "
+                            f"({schedule.total_steps} steps), blr {f.blr:g}, batch {schedule.effective_batch}, "
+                            f"layer decay {f.layer_decay:g}")  # fmt: skip
         entries[name] = entry
     return entries, raw
 
@@ -235,9 +201,10 @@ def run(config: FinetuneConfig) -> Path:
     splits = build_splits(config, encoder, train_tf, eval_tf(config, encoder, mean, std))
     # The paper fine-tunes with average pooling + fc_norm; global_pool=token keeps the cls token instead.
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool or "avg", FINETUNE_HEAD_STD)
-    accelerator = make_accelerator(config)
-    say = accelerator.print
     run_dir = run_dir_of(config, "finetune")
+    accelerator = stage_accelerator(config, run_dir)
+    say = accelerator.print
+    found = stage_checkpoint(run_dir, config, "finetune", say)
     params = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
     say(f"mpp finetune: {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}, "
         f"{params / 1e6:.2f}M trainable, on {accelerator.device}")  # fmt: skip
@@ -245,7 +212,8 @@ def run(config: FinetuneConfig) -> Path:
         f"{splits.num_classes} classes")  # fmt: skip
     if accelerator.is_main_process:
         save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
-    entries, trained = finetune(config, classifier, splits, accelerator, run_dir, say)
+        accelerator.init_trackers("tensorboard")
+    entries, trained = finetune(config, classifier, splits, accelerator, run_dir, say, found)
     if accelerator.is_main_process:
         results = results_header(config, encoder, meta, classifier.global_pool, splits)
         results["protocols"] = entries
@@ -256,6 +224,7 @@ def run(config: FinetuneConfig) -> Path:
         for name, entry in entries.items():
             say(f"  {name}: top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {run_dir / 'results.json'}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return run_dir
 
 

@@ -29,12 +29,12 @@ from mpp.stage import (
     encoder_description,
     eval_tf,
     extract_split_features,
-    make_accelerator,
     move_to_grid,
     resolve_stats,
     results_header,
     run_dir_of,
     save_run_config,
+    stage_accelerator,
     stage_encoder,
     stage_main,
 )
@@ -106,7 +106,7 @@ def run(config: KnnConfig) -> Path:
     tf = eval_tf(config, encoder, mean, std)
     splits = build_splits(config, encoder, tf, tf)
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, feature_blocks=config.feature_blocks)
-    accelerator = make_accelerator(config)
+    accelerator = stage_accelerator(config)
     run_dir = run_dir_of(config, "knn")
     s = config.knn
     say = accelerator.print

@@ -14,10 +14,13 @@ takes; its absolute value is lower than ``mpp knn``'s full-bank one, but gains o
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,3 +152,72 @@ class KnnMonitor:
             votes = knn_scores(feats[q:], self.labels[q:], feats[:q], self.num_classes, self.k, self.temperature)
             top1[pool] = 100.0 * (votes.argmax(dim=1) == self.labels[:q]).float().mean().item()
         return MonitorReading(top1, time.perf_counter() - start)
+
+
+def monitor_record(step: int, epoch: float, reading: MonitorReading, random_top1: dict[str, float]) -> dict[str, Any]:
+    """The metrics.jsonl record of a monitor reading: ``knn_<pool>`` and ``knn_<pool>_random`` (top-1 %)."""
+    record: dict[str, Any] = {"step": step, "epoch": round(epoch, 4), "stage": "monitor"}
+    for pool, top1 in reading.top1.items():
+        record[f"knn_{pool}"] = round(top1, 2)
+        if pool in random_top1:
+            record[f"knn_{pool}_random"] = round(random_top1[pool], 2)
+    record["monitor_s"] = round(reading.seconds, 2)
+    return record
+
+
+def monitor_text(reading: MonitorReading, random_top1: dict[str, float]) -> str:
+    """``token 74.1% (random 66.6%), avg 75.3% (random 61.6%)``."""
+    return ", ".join(f"{pool} {top1:.2f}% (random {random_top1.get(pool, float('nan')):.2f}%)"
+                     for pool, top1 in reading.top1.items())  # fmt: skip
+
+
+def previous_random_reading(metrics_path: Path) -> dict[str, float] | None:
+    """The random-init monitor reading a resumed run logged at its start, if any."""
+    if not metrics_path.is_file():
+        return None
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("stage") == "monitor" and record.get("step") == 0:
+            return {k[4:]: v for k, v in record.items() if k.startswith("knn_") and not k.endswith("_random")}
+    return None
+
+
+@dataclass
+class MonitorRun:
+    """A monitor within one training session: the random-init reference, its schedule, and the time it has cost.
+
+    Attributes:
+        monitor: the monitor (``None`` on non-main processes, when disabled or without labels).
+        every_epochs: reading cadence; the last epoch is always read.
+        epochs: the run's epochs.
+        pool: the pooling shown on the progress bar.
+        random_top1: the step-0 reading (from the log of a resumed run, else taken by the first reading).
+    """
+
+    monitor: KnnMonitor | None
+    every_epochs: int
+    epochs: int
+    pool: str
+    random_top1: dict[str, float] | None = None
+    seconds: float = 0.0
+    bar_extra: dict[str, str] = field(default_factory=dict)
+
+    def due(self, epoch: int) -> bool:
+        """Whether a completed ``epoch`` gets a reading."""
+        return epoch % self.every_epochs == 0 or epoch == self.epochs
+
+    def read(self, model: Any, accelerator: Any, step: int, epoch: float, log: Any, say: Callable[[str], None]) -> None:
+        """Measure, log to metrics.jsonl/TensorBoard (``log``: an :class:`mpp.engine.RunLog`), bar and console."""
+        if self.monitor is None:
+            return
+        reading = self.monitor.measure(model, accelerator.device, accelerator.autocast)
+        self.seconds += reading.seconds
+        if self.random_top1 is None:
+            self.random_top1 = dict(reading.top1)
+        log.write(monitor_record(step, epoch, reading, self.random_top1), step)
+        self.bar_extra.update(knn=f"{reading.top1[self.pool]:.1f}",
+                              knn_rand=f"{self.random_top1.get(self.pool, float('nan')):.1f}")  # fmt: skip
+        say(f"  kNN monitor at epoch {epoch:g}: {monitor_text(reading, self.random_top1)} [{reading.seconds:.1f} s]")

@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -32,15 +31,16 @@ from accelerate import Accelerator
 from timm.layers import trunc_normal_
 from torch import nn
 
+from mpp.checkpoint import Checkpoint
 from mpp.data.transforms import pretrain_transform
-from mpp.engine import StepInfo, TrainState, train_one_epoch
+from mpp.engine import FitHooks, Schedule, StepInfo, TrainState, fit, plan_schedule
 from mpp.eval_config import ProbeConfig, ProbeSettings
 from mpp.labels import split_off
 from mpp.metrics import classification_metrics
 from mpp.models.classifier import PROBE_HEAD_STD, ViTClassifier
-from mpp.optim import absolute_lr, effective_batch, lars_optimizer, lars_param_groups, lr_at
+from mpp.optim import absolute_lr, effective_batch, lars_optimizer, lars_param_groups
 from mpp.report import write_results
-from mpp.sampling import batches_per_epoch, epoch_loader, mix_seed
+from mpp.sampling import mix_seed
 from mpp.stage import (
     SeededItems,
     Splits,
@@ -50,16 +50,16 @@ from mpp.stage import (
     encoder_description,
     eval_tf,
     extract_split_features,
-    loader_workers,
-    make_accelerator,
     move_to_grid,
     resolve_stats,
     results_header,
     run_dir_of,
     save_run_config,
+    stage_accelerator,
+    stage_checkpoint,
     stage_encoder,
     stage_main,
-    stretch_schedule,
+    train_stage,
 )
 
 
@@ -126,9 +126,6 @@ def train_cached_heads(
     # The schedule runs on a unit lr; each group scales it by its own lr. min_lr is taken relative to lrs[0].
     min_ratio = settings.min_lr / lrs[0]
 
-    def lr_fn(epoch: float) -> float:
-        return lr_at(epoch, 1.0, min_ratio, settings.warmup_epochs, settings.epochs)
-
     alive = torch.ones(len(lrs), dtype=torch.bool, device=device)
 
     def loss_fn(m: nn.Module, index: torch.Tensor) -> torch.Tensor:
@@ -138,11 +135,11 @@ def train_cached_heads(
         alive.logical_and_(torch.isfinite(losses.detach()))
         return losses[alive].sum() if bool(alive.any()) else losses.sum()
 
-    state = TrainState()
-    for epoch in range(settings.epochs):
-        state.epoch, state.batch_in_epoch = epoch, 0
-        train_one_epoch(accelerator, model, optimizer, _feature_batches(feats.shape[0], batch, epoch, seed), loss_fn,
-                        state, lr_fn=lr_fn, steps_per_epoch=steps_per_epoch, seed=seed, on_step=on_step)  # fmt: skip
+    schedule = Schedule(batch, 1, 1, 1.0, 1.0, True, min_ratio, settings.epochs, settings.warmup_epochs,
+                        steps_per_epoch)  # fmt: skip
+    fit(accelerator, model, optimizer, loss_fn, schedule, TrainState(),
+        lambda epoch, skip: _feature_batches(feats.shape[0], batch, epoch, seed), seed=seed,
+        hooks=FitHooks(on_step=on_step))  # fmt: skip
     raw: MultiHeadProbe = accelerator.unwrap_model(model)
     # A last step can break a head without a later loss to show it: check the weights too.
     finite = [all(bool(torch.isfinite(p).all()) for p in head.parameters()) for head in raw.heads]
@@ -177,8 +174,8 @@ def cached_probe(
     fit_x, fit_y = train_x[train_pos], train_y[train_pos]
     batch = min(settings.batch_size, len(train_pos))
     eff = effective_batch(batch, 1, 1)
-    epochs, warmup = stretch_schedule(settings.epochs, settings.warmup_epochs, len(train_pos) // batch,
-                                      settings.min_steps)  # fmt: skip
+    plan = plan_schedule(replace(settings, batch_size=batch, accum_steps=1), len(train_pos), 1, "probe")
+    epochs, warmup = plan.epochs, plan.warmup_epochs
     settings = replace(settings, epochs=epochs, warmup_epochs=warmup)
     blrs = list(settings.blr_sweep)
     lrs = [absolute_lr(b, eff) for b in blrs]
@@ -234,73 +231,37 @@ def full_probe(
     splits: Splits,
     accelerator: Accelerator,
     say: Callable[[str], None] = print,
-    metrics_path: Path | None = None,
+    run_dir: Path | None = None,
+    found: Checkpoint | None = None,
 ) -> dict[str, Any]:
-    """The paper's probe: augmented images through the frozen encoder every epoch; returns the ``probe`` entry."""
+    """The paper's probe: augmented images through the frozen encoder every epoch; returns the ``probe`` entry.
+
+    With ``run_dir`` it logs and checkpoints there, and ``found`` (:func:`mpp.stage.stage_checkpoint`) resumes it.
+    """
     s, d = config.probe, config.data
-    world = accelerator.num_processes
     train = SeededItems(splits.train, config.seed)
-    batch = min(s.batch_size, len(train) // world)
-    if batch < 2:
-        raise ValueError(f"{len(train)} training images cannot make a batch of 2 per process on {world} processes")
-    eff = effective_batch(batch, s.accum_steps, world)
-    lr = s.lr if s.lr is not None else absolute_lr(s.blr, eff)
-    steps_per_epoch = batches_per_epoch(len(train), batch, world) // s.accum_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"probe.accum_steps={s.accum_steps} leaves no full optimiser step per epoch; lower it")
-    epochs, warmup = stretch_schedule(s.epochs, s.warmup_epochs, steps_per_epoch, s.min_steps)
-    clipped = " (probe.batch_size clipped to the training set)" if batch < s.batch_size else ""
-    say(f"  full probe: effective batch {eff} = {batch} x {s.accum_steps} accum x {world} procs{clipped}; "
-        f"lr {lr:.3g} = blr {s.blr:g} x {eff} / 256; {steps_per_epoch} steps/epoch x {epochs} epochs")  # fmt: skip
+    schedule = plan_schedule(s, len(train), accelerator.num_processes, "probe", clip_batch=True)
+    say("  full probe (LARS):\n" + schedule.describe("probe"))
     model = FrozenProbe(classifier)
     head = classifier.head
-    optimizer = lars_optimizer(lars_param_groups(list(head.parameters()), s.weight_decay), lr=lr, momentum=s.momentum)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = lars_optimizer(lars_param_groups(list(head.parameters()), s.weight_decay), lr=schedule.lr,
+                               momentum=s.momentum)  # fmt: skip
     device = accelerator.device
 
     def loss_fn(m: nn.Module, batch_: Any) -> torch.Tensor:
         imgs, target = batch_
         return F.cross_entropy(m(imgs.to(device, non_blocking=True)), torch.as_tensor(target).to(device))
 
-    def lr_fn(epoch: float) -> float:
-        return lr_at(epoch, lr, s.min_lr, warmup, epochs)
-
-    log = open(metrics_path, "a") if metrics_path is not None and accelerator.is_main_process else None  # noqa: SIM115
-
-    losses: list[float] = []
-
-    def on_step(info: StepInfo) -> None:
-        losses.append(info.loss)
-        if log is not None and (info.step % 10 == 0 or info.step == steps_per_epoch * epochs):
-            log.write(json.dumps({"step": info.step, "epoch": round(info.epoch_float, 4), "loss": info.loss,
-                                  "lr": info.lr}) + "\n")  # fmt: skip
-            log.flush()
-
-    workers = loader_workers(d.num_workers, steps_per_epoch * s.accum_steps * batch * world)
-    state = TrainState()
-    try:
-        for epoch in range(epochs):
-            state.epoch, state.batch_in_epoch = epoch, 0
-            loader = epoch_loader(train, batch, epoch, rank=accelerator.process_index, world_size=world,
-                                  seed=config.seed, num_workers=workers,
-                                  pin_memory=device.type == "cuda")  # fmt: skip
-            usable = steps_per_epoch * s.accum_steps
-            batches = (b for i, b in enumerate(loader) if i < usable)
-            train_one_epoch(accelerator, model, optimizer, batches, loss_fn, state, lr_fn=lr_fn,
-                            steps_per_epoch=steps_per_epoch, accum_steps=s.accum_steps, seed=config.seed,
-                            on_step=on_step)  # fmt: skip
-            say(f"  epoch {epoch + 1}/{epochs}: mean loss {sum(losses) / max(len(losses), 1):.4f}")
-            losses.clear()
-    finally:
-        if log is not None:
-            log.close()
-    raw: FrozenProbe = accelerator.unwrap_model(model)
+    raw = train_stage(config, "probe", model, optimizer, loss_fn, schedule, train, accelerator, run_dir, found,
+                      log_every=s.log_every, say=say)  # fmt: skip
     raw.eval()
     logits, target = batched(raw, splits.test, accelerator, d.batch_size, d.num_workers, "test", config.progress)
     entry = classification_metrics(logits, target, splits.classes)
-    entry.update(mode="full", blr=s.blr, lr=lr, effective_batch=eff, epochs=epochs, warmup_epochs=warmup,
-                 steps=state.step, train_size=len(train))  # fmt: skip
-    entry["summary"] = f"full (augmented), blr {s.blr:g}, lr {lr:.3g}, batch {eff}, {epochs} ep"
+    entry.update(mode="full", blr=s.blr, lr=schedule.lr, effective_batch=schedule.effective_batch,
+                 epochs=schedule.epochs, warmup_epochs=schedule.warmup_epochs, steps=schedule.total_steps,
+                 train_size=len(train))  # fmt: skip
+    entry["summary"] = (f"full (augmented), blr {s.blr:g}, lr {schedule.lr:.3g}, batch {schedule.effective_batch}, "
+                        f"{schedule.epochs} ep")  # fmt: skip
     return entry
 
 
@@ -319,24 +280,28 @@ def run(config: ProbeConfig) -> Path:
     splits = build_splits(config, encoder, train_tf, test_tf)
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True,
                                feature_blocks=config.feature_blocks)  # fmt: skip
-    accelerator = make_accelerator(config)
-    say = accelerator.print
     run_dir = run_dir_of(config, "probe")
+    accelerator = stage_accelerator(config, run_dir)
+    say = accelerator.print
     say(f"mpp probe ({s.mode}): {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
     say(f"  {len(splits.train)} train images ({budget_text(splits.label_info)}), {len(splits.test)} test images, "
         f"{splits.num_classes} classes, on {accelerator.device}")  # fmt: skip
+    found = stage_checkpoint(run_dir, config, "probe", say) if s.mode == "full" else None
     if accelerator.is_main_process:
         save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
+        accelerator.init_trackers("tensorboard")
     if s.mode == "cached":
         feats = extract_split_features(classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress)
         entry = cached_probe(*feats, splits.classes, s, accelerator, config.seed, say)
     else:
-        entry = full_probe(config, classifier, splits, accelerator, say, run_dir / "metrics.jsonl")
+        entry = full_probe(config, classifier, splits, accelerator, say, run_dir, found)
     if accelerator.is_main_process:
         results = results_header(config, encoder, meta, classifier.global_pool, splits)
         results["protocols"] = {"probe": entry}
         write_results(run_dir, results, splits.classes)
         say(f"  linear probe top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {run_dir / 'results.json'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return run_dir
 
 

@@ -17,19 +17,34 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from mpp.checkpoint import Checkpoint, CheckpointError
 from mpp.config import ConfigError
 from mpp.data import build_dataset, default_stats
 from mpp.data.transforms import eval_transform
 from mpp.encoders import load_init
-from mpp.engine import NonFiniteLossError
+from mpp.engine import (
+    Checkpointer,
+    FitHooks,
+    NonFiniteLossError,
+    RunLog,
+    Schedule,
+    TrainState,
+    check_resumable,
+    fit,
+    restore,
+    restore_scaler,
+    resume_state,
+)
 from mpp.eval_config import StageConfig, build_eval_config
 from mpp.labels import LabelBudgetError, label_subset
 from mpp.models.vit import ViTEncoder
 from mpp.runinfo import write_config
-from mpp.sampling import mix_seed
+from mpp.runtime import check_output_dir, make_accelerator, one_line
+from mpp.sampling import epoch_loader, mix_seed
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -70,8 +85,8 @@ def stage_main(prog: str, cls: type, description: str, run: Callable[[Any], Any]
             print(yaml.safe_dump(to_dict(config), sort_keys=False))
             return 0
         run(config)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, CheckpointError, OSError) as err:  # OSError: full disk, unusable output_dir
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
@@ -102,14 +117,6 @@ def move_to_grid(encoder: ViTEncoder, config: StageConfig) -> None:
     patch = config.patch_size or encoder.patch_size
     if (img_size, img_size) != tuple(encoder.img_size) or patch != encoder.patch_size:
         encoder.set_grid(img_size, patch)
-
-
-def stretch_schedule(epochs: int, warmup: float, steps_per_epoch: int, min_steps: int) -> tuple[int, float]:
-    """Epochs (and proportional warmup) raised so a small training set still gets ``min_steps`` optimiser steps."""
-    if steps_per_epoch * epochs >= min_steps:
-        return epochs, warmup
-    stretched = -(-min_steps // max(steps_per_epoch, 1))
-    return stretched, warmup * stretched / epochs
 
 
 def resolve_stats(config: StageConfig, meta: dict[str, Any], in_chans: int) -> tuple[list[float], list[float]]:
@@ -238,11 +245,80 @@ def loader_workers(num_workers: int, images_per_epoch: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def make_accelerator(config: StageConfig) -> Accelerator:
-    """An accelerator with the stage's precision (``auto``: bf16 on a CUDA GPU, fp32 on CPUs)."""
-    from mpp.pretrain import resolve_precision
+def stage_accelerator(config: StageConfig, run_dir: Path | None = None) -> Accelerator:
+    """The stage's accelerator (:func:`mpp.runtime.make_accelerator`); TensorBoard in ``run_dir`` if given."""
+    if run_dir is None:
+        return make_accelerator(config.mixed_precision, config.cpu)
+    return make_accelerator(config.mixed_precision, config.cpu, log_with="tensorboard", project_dir=str(run_dir))
 
-    return Accelerator(mixed_precision=resolve_precision(config.mixed_precision, config.cpu), cpu=config.cpu)
+
+def stage_checkpoint(run_dir: Path, config: StageConfig, stage: str, say: Callable[[str], None]) -> Checkpoint | None:
+    """The checkpoint an interrupted run of this stage in ``run_dir`` continues from (``None``: a fresh start).
+
+    The run continues only with the settings it was started with (``output_dir`` and ``progress`` may differ).
+    """
+    from mpp.config import to_dict
+
+    found = resume_state(run_dir, say)
+    if found is not None:
+        check_resumable(run_dir, to_dict(config), RESUME_FREE_KEYS, f"mpp {stage} --resume")
+        say(f"  resuming from {found.path} (step {found.trainer_state['step']})")
+    return found
+
+
+RESUME_FREE_KEYS = {"output_dir", "progress", "init"}  # init: a moved pretraining run is the same encoder
+
+
+def train_stage(
+    config: StageConfig,
+    stage: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    schedule: Schedule,
+    train: Dataset,
+    accelerator: Accelerator,
+    run_dir: Path | None,
+    found: Checkpoint | None,
+    *,
+    log_every: int = 10,
+    clip_grad: float | None = None,
+    on_prepared: Callable[[nn.Module, Checkpoint | None], None] | None = None,
+    hooks: FitHooks | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+    say: Callable[[str], None] = print,
+) -> nn.Module:
+    """Train a labelled-image stage (full probe, fine-tuning) with the engine; the trained, unwrapped model.
+
+    Restores ``found`` first, logs to ``run_dir``/metrics.jsonl and checkpoints there about ten times per run (when
+    ``run_dir`` is given), so the stage resumes exactly after a crash like pretraining does.
+    """
+    state = restore(found, model, optimizer) if found is not None else TrainState()
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    restore_scaler(found, accelerator)
+    raw = accelerator.unwrap_model(prepared)
+    if on_prepared is not None:
+        on_prepared(raw, found)
+    workers = loader_workers(config.data.num_workers,
+                             schedule.micro_batches_per_epoch * schedule.batch_size * schedule.world)  # fmt: skip
+
+    def loader_for(epoch: int, skip: int) -> Any:
+        return epoch_loader(train, schedule.batch_size, epoch, rank=accelerator.process_index,
+                            world_size=schedule.world, seed=config.seed, skip_batches=skip, num_workers=workers,
+                            pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+
+    log = RunLog(accelerator, run_dir, stage)
+    checkpointer = None
+    if run_dir is not None:
+        checkpointer = Checkpointer(accelerator, run_dir, every_epochs=max(1, schedule.epochs // 10),
+                                    extra_state=extra_state)  # fmt: skip
+    try:
+        fit(accelerator, prepared, optimizer, loss_fn, schedule, state, loader_for, seed=config.seed, log=log,
+            log_every=log_every, clip_grad=clip_grad, checkpointer=checkpointer, hooks=hooks,
+            progress=config.progress, say=say)  # fmt: skip
+    finally:
+        log.close()
+    return raw
 
 
 def default_output_dir(config: StageConfig, stage: str) -> Path:
@@ -268,9 +344,7 @@ def default_output_dir(config: StageConfig, stage: str) -> Path:
 
 def run_dir_of(config: StageConfig, stage: str) -> Path:
     """The stage's output directory (``output_dir``, else :func:`default_output_dir`), created."""
-    path = Path(config.output_dir) if config.output_dir else default_output_dir(config, stage)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return check_output_dir(Path(config.output_dir) if config.output_dir else default_output_dir(config, stage))
 
 
 def save_run_config(run_dir: Path, config: StageConfig, **derived: Any) -> None:

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 import mpp.pretrain as pretrain
-from mpp.checkpoint import latest_checkpoint, load_checkpoint
+from mpp.checkpoint import latest_checkpoint, read_checkpoint
 from mpp.config import ConfigError, PretrainConfig, build_config
 from mpp.weights import load_encoder
 
@@ -26,9 +26,13 @@ def tiny_config(out: Path, *extra: str) -> PretrainConfig:
     return build_config(PretrainConfig, None, [*TINY, f"output_dir={out}", *extra])
 
 
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    found = read_checkpoint(path)
+    return found.model_state, found.optimizer_state, found.trainer_state
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    model_state, optim_state, state = load_checkpoint(latest_checkpoint(run_dir))
-    return model_state
+    return load_checkpoint(latest_checkpoint(run_dir))[0]
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -311,10 +311,17 @@ class Checkpointer:
         self.every_steps = every_steps
         self.every_epochs = max(1, every_epochs)
         self.extra_state = extra_state
+        self.last_saved: dict[str, Any] | None = None
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Path | None:
-        """Write a checkpoint of the (unwrapped) model, the optimizer and ``state``; the path on the main process."""
+        """Write a checkpoint of the (unwrapped) model, the optimizer and ``state``; the path on the main process.
+
+        A state just saved (a stop right after a ``every_steps`` checkpoint) is not written again.
+        """
         path = None
+        if state.to_dict() == self.last_saved:
+            return None
+        self.last_saved = state.to_dict()
         if self.accelerator.is_main_process:
             opt_state: dict[str, Any] = {"optimizer": optimizer.state_dict()}
             if self.accelerator.scaler is not None:

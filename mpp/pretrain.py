@@ -24,6 +24,7 @@ from torch.utils.data import Subset
 from mpp.checkpoint import CheckpointError
 from mpp.config import ConfigError, PretrainConfig, build_config, from_dict, model_overrides, to_dict, validate
 from mpp.data import build_dataset, default_stats
+from mpp.data.skips import SKIPPED_FILES, decode_skips, start_skip_log
 from mpp.data.transforms import eval_transform, pretrain_transform
 from mpp.engine import (
     Checkpointer,
@@ -204,6 +205,9 @@ def run(config: PretrainConfig) -> Path:
     derived = announce(say, config, model, data, accelerator, schedule)
     if accelerator.is_main_process:
         write_config(run_dir / "config.yaml", to_dict(config), **derived)
+    skipped = start_skip_log(data.samples, run_dir, write=accelerator.is_main_process)
+    if skipped:
+        say(skipped)
     accelerator.wait_for_everyone()
 
     o = config.optim
@@ -264,6 +268,9 @@ def run(config: PretrainConfig) -> Path:
         elapsed = time.perf_counter() - start
         say(f"  kNN monitor: {watch.seconds:.0f} s of this session's {elapsed:.0f} s "
             f"({100 * watch.seconds / max(elapsed, 1e-9):.1f}%)")  # fmt: skip
+    if broken := decode_skips(run_dir):
+        say(f"  {len(broken)} images failed to decode while training (each replaced by the next readable one); "
+            f"listed in {run_dir / SKIPPED_FILES}")  # fmt: skip
     if finished and main:
         export_weights(run_dir, raw, config, data, state, pictures, say, accelerator.device)
     accelerator.wait_for_everyone()

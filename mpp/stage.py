@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mpp.checkpoint import Checkpoint, CheckpointError
 from mpp.config import ConfigError
 from mpp.data import build_dataset, default_stats
+from mpp.data.skips import start_skip_log
 from mpp.data.transforms import eval_transform
 from mpp.encoders import load_init
 from mpp.engine import (
@@ -309,6 +310,8 @@ def train_stage(
 
     log = RunLog(accelerator, run_dir, stage)
     checkpointer = None
+    if run_dir is not None and (skipped := start_skip_log(train, run_dir, write=accelerator.is_main_process)):
+        say(skipped)
     if run_dir is not None:
         checkpointer = Checkpointer(accelerator, run_dir, every_epochs=max(1, schedule.epochs // 10),
                                     extra_state=extra_state)  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import mpp
@@ -59,9 +59,18 @@ def _write_with_metadata(state: dict[str, torch.Tensor], meta: dict[str, Any], p
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of any mpp safetensors file (``{}`` entries that are not JSON are kept as strings)."""
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
+    """The JSON metadata of any mpp safetensors file (``{}`` entries that are not JSON are kept as strings).
+
+    Raises:
+        ValueError: the file is empty, truncated or not safetensors.
+    """
+    from mpp.formats.safe_load import unreadable_safetensors
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise unreadable_safetensors(path, err) from None
     meta = {}
     for key, value in raw.items():
         try:

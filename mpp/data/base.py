@@ -15,6 +15,11 @@ from mpp.data.images import ChannelMismatchError, to_uint8_tensor
 logger = logging.getLogger(__name__)
 
 
+def skip_line(item: str, reason: str, when: str) -> str:
+    """One line of skipped_files.txt: ``path<TAB>when<TAB>reason``."""
+    return f"{item}\t{when}\t{' '.join(reason.split())}\n"
+
+
 class ImageDataset(Dataset):
     """Base of all mpp datasets: items are ``(transform(image), label)`` with ``label = -1`` when unlabeled.
 
@@ -43,6 +48,8 @@ class ImageDataset(Dataset):
         self.targets: list[int] = []
         self.skipped: list[str] = []
         self.skip_reasons: dict[str, str] = {}
+        self.skip_when: dict[str, str] = {}  # "scan" (dropped before training) or "decode" (failed when loaded)
+        self.skip_log: str | None = None  # a run's skipped_files.txt: decode failures in any worker are appended
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -56,11 +63,16 @@ class ImageDataset(Dataset):
         """A name for item ``index`` in messages (a path where there is one)."""
         return f"{self.name}[{index}]"
 
-    def record_skip(self, item: str, reason: str) -> None:
-        """Remember that ``item`` is dropped and why."""
-        if item not in self.skip_reasons:
-            self.skipped.append(item)
-            self.skip_reasons[item] = reason
+    def record_skip(self, item: str, reason: str, when: str = "decode") -> None:
+        """Remember that ``item`` is dropped, why and when; append it to ``skip_log`` when one is set."""
+        if item in self.skip_reasons:
+            return
+        self.skipped.append(item)
+        self.skip_reasons[item] = reason
+        self.skip_when[item] = when
+        if self.skip_log is not None:
+            with open(self.skip_log, "a") as log:  # O_APPEND: whole short lines, from any worker process
+                log.write(skip_line(item, reason, when))
 
     def check_decodes(self, tries: int = 8) -> None:
         """Decode items until one works, so that data that cannot be read at all fails before training.
@@ -80,13 +92,19 @@ class ImageDataset(Dataset):
                 raise
             except Exception as err:  # noqa: BLE001 - the same decode errors __getitem__ skips
                 self._bad.add(i)
-                self.record_skip(self.describe(i), f"{type(err).__name__}: {err}")
+                self.record_skip(self.describe(i), f"{type(err).__name__}: {err}", when="scan")
             else:
                 if self._bad:
-                    logger.warning("%s: some of the first images do not decode:\n%s", self.name, self.report())
+                    self.drop(sorted(self._bad))
                 return
         errors = "; ".join(f"{item}: {self.skip_reasons[item]}" for item in self.skipped[-tries:])
         raise ValueError(f"{self.name}: none of the first {len(self._bad)} images decodes: {errors}")
+
+    def drop(self, indices: list[int]) -> None:
+        """Remove items found unreadable before training, so the dataset's size counts only usable images.
+
+        Sources that cannot remove items keep them (they are then skipped while iterating).
+        """
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         n = len(self)

@@ -89,21 +89,14 @@ class ImageFolder(ImageDataset):
             if reason is None:
                 self.paths.append(path)
             else:
-                self.record_skip(str(path), reason)
+                self.record_skip(str(path), reason, when="scan")
         if not self.paths:
             first = self.skipped[0]
             raise ValueError(
                 f"image folder {str(self.root)!r}: none of its {len(candidates)} image files is usable, "
                 f"e.g. {first}: {self.skip_reasons[first]}"
             )
-        if self.skipped:
-            logger.warning(
-                "%s: skipped %d of %d files at scan time, first: %s",
-                self.name,
-                len(self.skipped),
-                len(candidates),
-                ", ".join(self.skipped[:3]),
-            )
+        self.scanned = len(candidates)  # the console reports skips once per run (mpp.data.skips), not per dataset
         self._label_from_folders()
         self.check_decodes()
 
@@ -124,6 +117,13 @@ class ImageFolder(ImageDataset):
                 loose,
                 class_dirs,
             )
+
+    def drop(self, indices: list[int]) -> None:
+        """Remove files that failed to decode before training (their labels go with them)."""
+        gone = set(indices)
+        self.paths = [p for i, p in enumerate(self.paths) if i not in gone]
+        self.targets = [t for i, t in enumerate(self.targets) if i not in gone]
+        self._bad = set()
 
     def describe(self, index: int) -> str:
         """The file path of item ``index``."""

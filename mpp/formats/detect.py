@@ -127,9 +127,11 @@ def _read_dir(path: Path, fmt: str | None, encoder_only: bool) -> Source:
         if (path / name).is_file() and fmt in (None, "mpp"):
             obj, _ = read_weights_file(path / name)
             return _read_mpp_file(path / name, obj)
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():  # an mpp run directory: use its newest complete checkpoint
-        path = path / "checkpoints" / latest.read_text().strip()
+    from mpp.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(path)
+    if newest is not None:  # an mpp run directory without exported weights: its newest complete checkpoint
+        path = newest
     for name in TIMM_DIR_FILES:
         if (path / name).is_file():
             obj, _ = read_weights_file(path / name)

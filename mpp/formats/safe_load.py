@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 SAFE_GLOBALS = [argparse.Namespace]
@@ -45,13 +45,22 @@ def safe_torch_load(path: str | Path) -> Any:
             names the file and the refused globals.
     """
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (an interrupted download or copy?)")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):  # not a refusal: the bytes are not a pickle at all
+            raise ValueError(f"{path}: not a PyTorch weights file ({_first_line(err)})") from None
         names = _unsafe_globals(path, err)
         # `from None`: torch's own message suggests weights_only=False, which is exactly what must not be done blindly.
         raise ValueError(_refusal_message(path, names)) from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:160] if lines else type(err).__name__
 
 
 def _unsafe_globals(path: Path, err: Exception) -> list[str]:
@@ -82,10 +91,24 @@ def _refusal_message(path: Path, names: list[str]) -> str:
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a ``.safetensors`` file (a format that cannot hold code)."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    return load_file(str(path), device="cpu"), metadata
+    """Tensors and header metadata of a ``.safetensors`` file (a format that cannot hold code).
+
+    Raises:
+        ValueError: the file is empty, truncated or not safetensors (one line naming it).
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path), device="cpu"), metadata
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise unreadable_safetensors(path, err) from None
+
+
+def unreadable_safetensors(path: str | Path, err: BaseException) -> ValueError:
+    """The one-line error for a ``.safetensors`` file that cannot be read: empty, truncated, or something else."""
+    empty = Path(path).is_file() and Path(path).stat().st_size == 0
+    why = "the file is empty" if empty else f"truncated or not a safetensors file ({_first_line(err)})"
+    return ValueError(f"{path}: {why}")
 
 
 def read_weights_file(path: str | Path) -> tuple[Any, dict[str, str]]:
@@ -95,4 +118,9 @@ def read_weights_file(path: str | Path) -> tuple[Any, dict[str, str]]:
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix in SAFETENSORS_SUFFIXES:
         return read_safetensors(path)
-    return safe_torch_load(path), {}
+    try:
+        return safe_torch_load(path), {}
+    except ValueError:
+        raise  # already one line: a refusal, an empty file
+    except Exception as err:  # noqa: BLE001 - on bytes that are not a pickle torch's unpickler raises anything
+        raise ValueError(f"{path}: truncated or not a PyTorch weights file ({_first_line(err)})") from None

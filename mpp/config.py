@@ -275,9 +275,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_config(cls: type, recipe: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults, then the recipe, then dotted overrides; validated."""
-    data: dict[str, Any] = load_yaml(recipe) if recipe else {}
+def build_config(
+    cls: type, recipe: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> Any:
+    """Defaults, then the recipe (or ``base``: a saved run's settings), then dotted overrides; validated."""
+    data: dict[str, Any] = base if base is not None else load_yaml(recipe) if recipe else {}
     for item in overrides or []:
         keys, value = parse_override(item)
         merge(data, keys, value)

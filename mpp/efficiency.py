@@ -34,6 +34,7 @@ from mpp.eval_config import BUDGET_ALL, EvaluateConfig
 from mpp.models.registry import MODEL_CONFIGS
 from mpp.models.vit import ViTEncoder
 from mpp.report import _font, _text_size
+from mpp.runtime import atomic_write_json, atomic_write_text
 from mpp.stage import FeatureCache, build_splits, resolve_stats, run_dir_of, save_run_config
 
 RunBudget = Callable[[EvaluateConfig, FeatureCache, str | None], Path]
@@ -268,10 +269,8 @@ def write_efficiency(out: Path, report: dict[str, Any]) -> Path:
     """Write efficiency.json, efficiency.md and efficiency.png into ``out``; the path of efficiency.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".efficiency.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out / "efficiency.json")
-    (out / "efficiency.md").write_text(efficiency_markdown(report))
+    atomic_write_json(out / "efficiency.json", report)
+    atomic_write_text(out / "efficiency.md", efficiency_markdown(report))
     draw_efficiency(report).save(out / "efficiency.png")
     return out / "efficiency.json"
 

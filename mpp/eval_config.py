@@ -194,10 +194,14 @@ def parse_budgets(value: Any) -> list[int | str] | None:
 
 # ------------------------------------------------------------------------------------------------ building
 def build_eval_config(
-    cls: type, recipe: str | Path | None = None, overrides: list[str] | None = None, init: str | None = None
+    cls: type,
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
+    init: str | None = None,
+    base: dict | None = None,
 ) -> Any:
-    """Defaults, then the recipe, then dotted overrides, then ``init`` given on the command line; validated."""
-    data: dict[str, Any] = load_yaml(recipe) if recipe else {}
+    """Defaults, the recipe (or ``base``: a saved run's settings), overrides, then ``init``; validated."""
+    data: dict[str, Any] = base if base is not None else load_yaml(recipe) if recipe else {}
     for item in overrides or []:
         merge(data, *parse_override(item))
     if init is not None:

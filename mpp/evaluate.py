@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mpp import stage
 from mpp.data.augment import finetune_transform
 from mpp.data.transforms import pretrain_transform
 from mpp.efficiency import sweep
@@ -37,22 +38,6 @@ from mpp.knn import knn_protocol
 from mpp.models.classifier import PROBE_HEAD_STD, ViTClassifier
 from mpp.probe import cached_probe, full_probe
 from mpp.report import write_results
-from mpp.stage import (
-    FeatureCache,
-    budget_text,
-    build_splits,
-    encoder_description,
-    eval_tf,
-    extract_split_features,
-    move_to_grid,
-    resolve_stats,
-    results_header,
-    run_dir_of,
-    save_run_config,
-    stage_accelerator,
-    stage_encoder,
-    stage_main,
-)
 
 
 def run(config: EvaluateConfig) -> Path:
@@ -62,7 +47,9 @@ def run(config: EvaluateConfig) -> Path:
     return run_budget(config)
 
 
-def run_budget(config: EvaluateConfig, features: FeatureCache | None = None, skip_probe: str | None = None) -> Path:
+def run_budget(
+    config: EvaluateConfig, features: stage.FeatureCache | None = None, skip_probe: str | None = None
+) -> Path:
     """kNN, linear probe and (with ``run_finetune``) fine-tuning of one encoder under one label budget.
 
     Args:
@@ -74,23 +61,23 @@ def run_budget(config: EvaluateConfig, features: FeatureCache | None = None, ski
     Returns:
         The output directory.
     """
-    encoder, meta = stage_encoder(config)
-    move_to_grid(encoder, config)
-    mean, std = resolve_stats(config, meta, encoder.in_chans)
-    test_tf = eval_tf(config, encoder, mean, std)
-    splits = build_splits(config, encoder, test_tf, test_tf)
+    encoder, meta = stage.stage_encoder(config)
+    stage.move_to_grid(encoder, config)
+    mean, std = stage.resolve_stats(config, meta, encoder.in_chans)
+    test_tf = stage.eval_tf(config, encoder, mean, std)
+    splits = stage.build_splits(config, encoder, test_tf, test_tf)
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True,
                                feature_blocks=config.feature_blocks)  # fmt: skip
-    accelerator = stage_accelerator(config)
+    accelerator = stage.stage_accelerator(config)
     say = accelerator.print
-    run_dir = run_dir_of(config, "eval")
-    say(f"mpp evaluate: {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
-    say(f"  {len(splits.train)} train images ({budget_text(splits.label_info)}), {len(splits.test)} test images, "
+    run_dir = stage.run_dir_of(config, "eval")
+    say(f"mpp evaluate: {stage.encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
+    say(f"  {len(splits.train)} train images ({stage.budget_text(splits.label_info)}), {len(splits.test)} test images, "
         f"{splits.num_classes} classes, on {accelerator.device}; output {run_dir}")  # fmt: skip
     if accelerator.is_main_process:
-        save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
+        stage.save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
     d = config.data
-    extract = features.features if features is not None else extract_split_features
+    extract = features.features if features is not None else stage.extract_split_features
     feats = extract(classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress)
     protocols: dict[str, Any] = {}
     protocols["knn"] = knn_protocol(*feats, splits.classes, config.knn, accelerator.device)
@@ -102,14 +89,14 @@ def run_budget(config: EvaluateConfig, features: FeatureCache | None = None, ski
     else:
         p = config.probe
         train_tf = pretrain_transform(encoder.img_size, mean, std, scale=(p.crop_scale_min, 1.0), hflip=p.hflip)
-        probe_splits = build_splits(config, encoder, train_tf, test_tf)
+        probe_splits = stage.build_splits(config, encoder, train_tf, test_tf)
         protocols["probe"] = full_probe(config, classifier, probe_splits, accelerator, say)  # type: ignore[arg-type]
     if "probe" in protocols:
         say(f"  linear probe: top-1 {protocols['probe']['top1']:.2f}%")
     if config.run_finetune:
         protocols.update(_finetune(config, mean, std, accelerator, run_dir / "finetune", say))
     if accelerator.is_main_process:
-        results = results_header(config, encoder, meta, classifier.global_pool, splits)
+        results = stage.results_header(config, encoder, meta, classifier.global_pool, splits)
         results["protocols"] = protocols
         if skip_probe is not None:
             results["skipped"] = {"probe": skip_probe}
@@ -123,11 +110,11 @@ def _finetune(
 ) -> dict[str, Any]:
     """Fine-tune a fresh copy of the encoder (drop path on, learnable position table) with ``config.finetune``."""
     f = config.finetune
-    encoder, _ = stage_encoder(config, drop_path_rate=f.drop_path_rate)
+    encoder, _ = stage.stage_encoder(config, drop_path_rate=f.drop_path_rate)
     make_trainable_grid(encoder, config.img_size, config.patch_size)
     train_tf = finetune_transform(encoder.img_size, mean, std, in_chans=encoder.in_chans, rand_augment=f.rand_augment,
                                   reprob=f.reprob, scale=(f.crop_scale_min, 1.0), hflip=f.hflip)  # fmt: skip
-    splits = build_splits(config, encoder, train_tf, eval_tf(config, encoder, mean, std))
+    splits = stage.build_splits(config, encoder, train_tf, stage.eval_tf(config, encoder, mean, std))
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool or "avg", FINETUNE_HEAD_STD)
     out.mkdir(parents=True, exist_ok=True)
     say("  fine-tuning:")
@@ -140,6 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--finetune" in argv:
         argv = [a for a in argv if a != "--finetune"] + ["run_finetune=true"]
-    return stage_main(
+    return stage.stage_main(
         "mpp evaluate", EvaluateConfig, "kNN and linear probe (and fine-tuning) of an encoder.", run, argv
     )

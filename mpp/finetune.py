@@ -31,6 +31,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 import mpp
+from mpp import stage
 from mpp.checkpoint import Checkpoint
 from mpp.data.augment import finetune_transform
 from mpp.engine import FitHooks, StepInfo, plan_schedule
@@ -41,24 +42,6 @@ from mpp.models.vit import ViTEncoder
 from mpp.optim import layer_decay_param_groups
 from mpp.report import write_results
 from mpp.runtime import atomic_path
-from mpp.stage import (
-    SeededItems,
-    Splits,
-    batched,
-    budget_text,
-    build_splits,
-    encoder_description,
-    eval_tf,
-    resolve_stats,
-    results_header,
-    run_dir_of,
-    save_run_config,
-    stage_accelerator,
-    stage_checkpoint,
-    stage_encoder,
-    stage_main,
-    train_stage,
-)
 
 CLASSIFIER_FORMAT = "mpp.classifier.v1"
 
@@ -114,7 +97,7 @@ def load_classifier(path: str | Path) -> tuple[ViTClassifier, dict[str, Any]]:
 def finetune(
     config: FinetuneConfig,
     classifier: ViTClassifier,
-    splits: Splits,
+    splits: stage.Splits,
     accelerator: Accelerator,
     run_dir: Path | None,
     say: Callable[[str], None] = print,
@@ -126,7 +109,7 @@ def finetune(
         ``({"finetune": entry[, "finetune_ema": entry]}, trained classifier)``.
     """
     f, d = config.finetune, config.data
-    train = SeededItems(splits.train, config.seed)
+    train = stage.SeededItems(splits.train, config.seed)
     mixing = f.mixup > 0 or f.cutmix > 0
     schedule = plan_schedule(f, len(train), accelerator.num_processes, "finetune", clip_batch=True, even_batch=mixing)
     say(schedule.describe("finetune"))
@@ -168,17 +151,19 @@ def finetune(
         if ema is not None:
             ema.update(live[0], step=info.step)
 
-    raw = train_stage(config, "finetune", classifier, optimizer, loss_fn, schedule, train, accelerator, run_dir, found,
-                      log_every=f.log_every, clip_grad=f.clip_grad, on_prepared=start_ema,
-                      hooks=FitHooks(on_step=update_ema),
-                      extra_state=lambda: {"ema": ema.module.state_dict()} if ema is not None else {},
-                      say=say)  # fmt: skip
+    raw = stage.train_stage(
+        config, "finetune", classifier, optimizer, loss_fn, schedule, train, accelerator, run_dir, found,
+        log_every=f.log_every, clip_grad=f.clip_grad, on_prepared=start_ema, hooks=FitHooks(on_step=update_ema),
+        extra_state=lambda: {"ema": ema.module.state_dict()} if ema is not None else {}, say=say,
+    )  # fmt: skip
 
     entries: dict[str, dict[str, Any]] = {}
     models = {"finetune": raw} | ({"finetune_ema": ema.module} if ema is not None else {})
     for name, net in models.items():
         net.eval()
-        logits, target = batched(net, splits.test, accelerator, d.batch_size, d.num_workers, "test", config.progress)
+        logits, target = stage.batched(
+            net, splits.test, accelerator, d.batch_size, d.num_workers, "test", config.progress
+        )
         entry = classification_metrics(logits, target, splits.classes)
         entry.update(blr=f.blr, lr=schedule.lr, effective_batch=schedule.effective_batch, epochs=schedule.epochs,
                      warmup_epochs=schedule.warmup_epochs, steps=schedule.total_steps, train_size=len(train),
@@ -193,29 +178,29 @@ def finetune(
 def run(config: FinetuneConfig) -> Path:
     """Fine-tune the configured encoder and write results (and the model); returns the run directory."""
     f = config.finetune
-    encoder, meta = stage_encoder(config, drop_path_rate=f.drop_path_rate)
+    encoder, meta = stage.stage_encoder(config, drop_path_rate=f.drop_path_rate)
     make_trainable_grid(encoder, config.img_size, config.patch_size)
-    mean, std = resolve_stats(config, meta, encoder.in_chans)
+    mean, std = stage.resolve_stats(config, meta, encoder.in_chans)
     train_tf = finetune_transform(encoder.img_size, mean, std, in_chans=encoder.in_chans, rand_augment=f.rand_augment,
                                   reprob=f.reprob, scale=(f.crop_scale_min, 1.0), hflip=f.hflip)  # fmt: skip
-    splits = build_splits(config, encoder, train_tf, eval_tf(config, encoder, mean, std))
+    splits = stage.build_splits(config, encoder, train_tf, stage.eval_tf(config, encoder, mean, std))
     # The paper fine-tunes with average pooling + fc_norm; global_pool=token keeps the cls token instead.
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool or "avg", FINETUNE_HEAD_STD)
-    run_dir = run_dir_of(config, "finetune")
-    accelerator = stage_accelerator(config, run_dir)
+    run_dir = stage.run_dir_of(config, "finetune")
+    accelerator = stage.stage_accelerator(config, run_dir)
     say = accelerator.print
-    found = stage_checkpoint(run_dir, config, "finetune", say)
+    found = stage.stage_checkpoint(run_dir, config, "finetune", say)
     params = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
-    say(f"mpp finetune: {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}, "
+    say(f"mpp finetune: {stage.encoder_description(encoder, meta, classifier.global_pool)} from {config.init}, "
         f"{params / 1e6:.2f}M trainable, on {accelerator.device}")  # fmt: skip
-    say(f"  {len(splits.train)} train images ({budget_text(splits.label_info)}), {len(splits.test)} test images, "
+    say(f"  {len(splits.train)} train images ({stage.budget_text(splits.label_info)}), {len(splits.test)} test images, "
         f"{splits.num_classes} classes")  # fmt: skip
     if accelerator.is_main_process:
-        save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
+        stage.save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
         accelerator.init_trackers("tensorboard")
     entries, trained = finetune(config, classifier, splits, accelerator, run_dir, say, found)
     if accelerator.is_main_process:
-        results = results_header(config, encoder, meta, classifier.global_pool, splits)
+        results = stage.results_header(config, encoder, meta, classifier.global_pool, splits)
         results["protocols"] = entries
         write_results(run_dir, results, splits.classes)
         if f.save_model:
@@ -230,4 +215,4 @@ def run(config: FinetuneConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpp finetune``."""
-    return stage_main("mpp finetune", FinetuneConfig, "Fine-tune an encoder (or train from scratch).", run, argv)
+    return stage.stage_main("mpp finetune", FinetuneConfig, "Fine-tune an encoder (or train from scratch).", run, argv)

@@ -19,25 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mpp import stage
 from mpp.eval_config import KnnConfig, KnnSettings
 from mpp.metrics import classification_metrics
 from mpp.models.classifier import ViTClassifier
 from mpp.report import write_results
-from mpp.stage import (
-    budget_text,
-    build_splits,
-    encoder_description,
-    eval_tf,
-    extract_split_features,
-    move_to_grid,
-    resolve_stats,
-    results_header,
-    run_dir_of,
-    save_run_config,
-    stage_accelerator,
-    stage_encoder,
-    stage_main,
-)
 
 
 def knn_scores(
@@ -100,26 +86,28 @@ def knn_protocol(
 
 def run(config: KnnConfig) -> Path:
     """Extract features, classify the test split by kNN, write the results; returns the run directory."""
-    encoder, meta = stage_encoder(config)
-    move_to_grid(encoder, config)
-    mean, std = resolve_stats(config, meta, encoder.in_chans)
-    tf = eval_tf(config, encoder, mean, std)
-    splits = build_splits(config, encoder, tf, tf)
+    encoder, meta = stage.stage_encoder(config)
+    stage.move_to_grid(encoder, config)
+    mean, std = stage.resolve_stats(config, meta, encoder.in_chans)
+    tf = stage.eval_tf(config, encoder, mean, std)
+    splits = stage.build_splits(config, encoder, tf, tf)
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, feature_blocks=config.feature_blocks)
-    accelerator = stage_accelerator(config)
-    run_dir = run_dir_of(config, "knn")
+    accelerator = stage.stage_accelerator(config)
+    run_dir = stage.run_dir_of(config, "knn")
     s = config.knn
     say = accelerator.print
-    say(f"mpp knn: {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
-    say(f"  bank {len(splits.train)} train images ({budget_text(splits.label_info)}), {len(splits.test)} test "
+    say(f"mpp knn: {stage.encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
+    say(f"  bank {len(splits.train)} train images ({stage.budget_text(splits.label_info)}), {len(splits.test)} test "
           f"queries, k={s.k}, T={s.temperature}, on {accelerator.device}")  # fmt: skip
     if accelerator.is_main_process:  # kNN is not split across processes: under accelerate launch, one writes
-        save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
+        stage.save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
     d = config.data
-    features = extract_split_features(classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress)
+    features = stage.extract_split_features(
+        classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress
+    )
     entry = knn_protocol(*features, splits.classes, s, accelerator.device)
     if accelerator.is_main_process:
-        results = results_header(config, encoder, meta, classifier.global_pool, splits)
+        results = stage.results_header(config, encoder, meta, classifier.global_pool, splits)
         results["protocols"] = {"knn": entry}
         write_results(run_dir, results, splits.classes)
         say(f"  kNN top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {run_dir / 'results.json'}")
@@ -128,4 +116,4 @@ def run(config: KnnConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpp knn``."""
-    return stage_main("mpp knn", KnnConfig, "Weighted cosine kNN on frozen encoder features.", run, argv)
+    return stage.stage_main("mpp knn", KnnConfig, "Weighted cosine kNN on frozen encoder features.", run, argv)

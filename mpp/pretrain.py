@@ -10,7 +10,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import Subset
 
-from mpp.checkpoint import CheckpointError
-from mpp.config import ConfigError, PretrainConfig, build_config, from_dict, model_overrides, to_dict, validate
+from mpp.commands import run_command
+from mpp.config import ConfigError, PretrainConfig, build_config, model_overrides, to_dict
 from mpp.data import build_dataset, default_stats
 from mpp.data.skips import SKIPPED_FILES, decode_skips, start_skip_log
 from mpp.data.transforms import eval_transform, pretrain_transform
@@ -44,8 +43,8 @@ from mpp.masking import num_kept
 from mpp.models import MaskedAutoencoder, create_model
 from mpp.monitor import KnnMonitor, MonitorRun, previous_random_reading
 from mpp.optim import pretrain_optimizer
-from mpp.runinfo import read_config, write_config
-from mpp.runtime import check_output_dir, make_accelerator, one_line, seed_everything
+from mpp.runinfo import settings_to_resume, write_config
+from mpp.runtime import check_output_dir, make_accelerator, seed_everything
 from mpp.sampling import SeededPretrainSamples, epoch_loader
 from mpp.viz import save_reconstruction_grid
 from mpp.weights import save_encoder, save_mae
@@ -74,20 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     """The run's config: a saved run's (``--resume``) or defaults + recipe, then overrides."""
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there (not an mpp pretraining run)")
-        if args.recipe:
-            raise ConfigError("--resume takes the run's saved config; do not pass --recipe with it")
-        from mpp.config import merge, parse_override
-
-        data = read_config(saved)
-        for item in args.overrides:
-            merge(data, *parse_override(item))
-        data["output_dir"] = str(args.resume)
-        config = from_dict(PretrainConfig, data)
-        validate(config)
-        return config
+        base = settings_to_resume(args.resume, args.recipe)
+        return build_config(PretrainConfig, None, args.overrides, base=base)
     return build_config(PretrainConfig, args.recipe, args.overrides)
 
 
@@ -320,18 +307,4 @@ def _flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpp pretrain``."""
     args = parse_args(argv)
-    try:
-        config = resolve_config(args)
-        if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(to_dict(config), sort_keys=False))
-            return 0
-        run(config)
-    except (ConfigError, ValueError, CheckpointError, OSError) as err:  # OSError: full disk, unusable output_dir
-        print(f"mpp pretrain: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"mpp pretrain: stopped: {err}", file=sys.stderr)
-        return 3
-    return 0
+    return run_command("mpp pretrain", lambda: resolve_config(args), run, args.print_config)

@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from timm.layers import trunc_normal_
 from torch import nn
 
+from mpp import stage
 from mpp.checkpoint import Checkpoint
 from mpp.data.transforms import pretrain_transform
 from mpp.engine import FitHooks, Schedule, StepInfo, TrainState, fit, plan_schedule
@@ -41,26 +42,6 @@ from mpp.models.classifier import PROBE_HEAD_STD, ViTClassifier
 from mpp.optim import absolute_lr, effective_batch, lars_optimizer, lars_param_groups
 from mpp.report import write_results
 from mpp.sampling import mix_seed
-from mpp.stage import (
-    SeededItems,
-    Splits,
-    batched,
-    budget_text,
-    build_splits,
-    encoder_description,
-    eval_tf,
-    extract_split_features,
-    move_to_grid,
-    resolve_stats,
-    results_header,
-    run_dir_of,
-    save_run_config,
-    stage_accelerator,
-    stage_checkpoint,
-    stage_encoder,
-    stage_main,
-    train_stage,
-)
 
 
 # ------------------------------------------------------------------------------------------------ cached mode
@@ -228,7 +209,7 @@ class FrozenProbe(nn.Module):
 def full_probe(
     config: ProbeConfig,
     classifier: ViTClassifier,
-    splits: Splits,
+    splits: stage.Splits,
     accelerator: Accelerator,
     say: Callable[[str], None] = print,
     run_dir: Path | None = None,
@@ -239,7 +220,7 @@ def full_probe(
     With ``run_dir`` it logs and checkpoints there, and ``found`` (:func:`mpp.stage.stage_checkpoint`) resumes it.
     """
     s, d = config.probe, config.data
-    train = SeededItems(splits.train, config.seed)
+    train = stage.SeededItems(splits.train, config.seed)
     schedule = plan_schedule(s, len(train), accelerator.num_processes, "probe", clip_batch=True)
     say("  full probe (LARS):\n" + schedule.describe("probe"))
     model = FrozenProbe(classifier)
@@ -252,10 +233,10 @@ def full_probe(
         imgs, target = batch_
         return F.cross_entropy(m(imgs.to(device, non_blocking=True)), torch.as_tensor(target).to(device))
 
-    raw = train_stage(config, "probe", model, optimizer, loss_fn, schedule, train, accelerator, run_dir, found,
+    raw = stage.train_stage(config, "probe", model, optimizer, loss_fn, schedule, train, accelerator, run_dir, found,
                       log_every=s.log_every, say=say)  # fmt: skip
     raw.eval()
-    logits, target = batched(raw, splits.test, accelerator, d.batch_size, d.num_workers, "test", config.progress)
+    logits, target = stage.batched(raw, splits.test, accelerator, d.batch_size, d.num_workers, "test", config.progress)
     entry = classification_metrics(logits, target, splits.classes)
     entry.update(mode="full", blr=s.blr, lr=schedule.lr, effective_batch=schedule.effective_batch,
                  epochs=schedule.epochs, warmup_epochs=schedule.warmup_epochs, steps=schedule.total_steps,
@@ -268,35 +249,37 @@ def full_probe(
 # ------------------------------------------------------------------------------------------------ stage
 def run(config: ProbeConfig) -> Path:
     """Probe the configured encoder and write results; returns the run directory."""
-    encoder, meta = stage_encoder(config)
-    move_to_grid(encoder, config)
-    mean, std = resolve_stats(config, meta, encoder.in_chans)
+    encoder, meta = stage.stage_encoder(config)
+    stage.move_to_grid(encoder, config)
+    mean, std = stage.resolve_stats(config, meta, encoder.in_chans)
     s, d = config.probe, config.data
-    test_tf = eval_tf(config, encoder, mean, std)
+    test_tf = stage.eval_tf(config, encoder, mean, std)
     if s.mode == "full":
         train_tf = pretrain_transform(encoder.img_size, mean, std, scale=(s.crop_scale_min, 1.0), hflip=s.hflip)
     else:
         train_tf = test_tf
-    splits = build_splits(config, encoder, train_tf, test_tf)
+    splits = stage.build_splits(config, encoder, train_tf, test_tf)
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool, PROBE_HEAD_STD, head_bn=True,
                                feature_blocks=config.feature_blocks)  # fmt: skip
-    run_dir = run_dir_of(config, "probe")
-    accelerator = stage_accelerator(config, run_dir)
+    run_dir = stage.run_dir_of(config, "probe")
+    accelerator = stage.stage_accelerator(config, run_dir)
     say = accelerator.print
-    say(f"mpp probe ({s.mode}): {encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
-    say(f"  {len(splits.train)} train images ({budget_text(splits.label_info)}), {len(splits.test)} test images, "
+    say(f"mpp probe ({s.mode}): {stage.encoder_description(encoder, meta, classifier.global_pool)} from {config.init}")
+    say(f"  {len(splits.train)} train images ({stage.budget_text(splits.label_info)}), {len(splits.test)} test images, "
         f"{splits.num_classes} classes, on {accelerator.device}")  # fmt: skip
-    found = stage_checkpoint(run_dir, config, "probe", say) if s.mode == "full" else None
+    found = stage.stage_checkpoint(run_dir, config, "probe", say) if s.mode == "full" else None
     if accelerator.is_main_process:
-        save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
+        stage.save_run_config(run_dir, config, mean=mean, std=std, **splits.label_info)
         accelerator.init_trackers("tensorboard")
     if s.mode == "cached":
-        feats = extract_split_features(classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress)
+        feats = stage.extract_split_features(
+            classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress
+        )
         entry = cached_probe(*feats, splits.classes, s, accelerator, config.seed, say)
     else:
         entry = full_probe(config, classifier, splits, accelerator, say, run_dir, found)
     if accelerator.is_main_process:
-        results = results_header(config, encoder, meta, classifier.global_pool, splits)
+        results = stage.results_header(config, encoder, meta, classifier.global_pool, splits)
         results["protocols"] = {"probe": entry}
         write_results(run_dir, results, splits.classes)
         say(f"  linear probe top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {run_dir / 'results.json'}")
@@ -307,4 +290,6 @@ def run(config: ProbeConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpp probe``."""
-    return stage_main("mpp probe", ProbeConfig, "Linear probe (BN + linear, LARS) of a frozen encoder.", run, argv)
+    return stage.stage_main(
+        "mpp probe", ProbeConfig, "Linear probe (BN + linear, LARS) of a frozen encoder.", run, argv
+    )

@@ -6,12 +6,13 @@ predicted as each class, with counts and class names when there are few enough c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from mpp.runtime import atomic_write_json, atomic_write_text
 
 # Beyond these many classes the numbers / names would not fit in a readable picture.
 MAX_CLASSES_WITH_COUNTS = 25
@@ -131,8 +132,6 @@ def write_results(run_dir: Path, results: dict[str, Any], class_names: Sequence[
     for name, entry in results["protocols"].items():
         save_confusion(run_dir / f"confusion_{name}.png", entry["confusion"], class_names,
                        f"{name}: top-1 accuracy {entry['top1']:.2f}%")  # fmt: skip
-    tmp = run_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(run_dir / "results.json")
-    (run_dir / "results.md").write_text(results_markdown(results))
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "results.md", results_markdown(results))
     return run_dir / "results.json"

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 import mpp
+from mpp.runtime import atomic_write_text
 
 
 def git_commit() -> str:
@@ -28,9 +29,7 @@ def git_commit() -> str:
 def write_config(path: Path, config: dict[str, Any], **derived: Any) -> None:
     """Write the resolved config plus provenance (version, commit) and derived numbers to YAML."""
     doc = {**config, "_run": {"mpp_version": mpp.__version__, "git_commit": git_commit(), **derived}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -38,3 +37,21 @@ def read_config(path: Path) -> dict[str, Any]:
     doc = yaml.safe_load(path.read_text()) or {}
     doc.pop("_run", None)
     return doc
+
+
+def settings_to_resume(run_dir: str | Path, recipe: str | None) -> dict[str, Any]:
+    """The saved settings of the run in ``run_dir``, to continue it (``--resume``); ``output_dir`` is where it is now.
+
+    Raises:
+        ConfigError: ``run_dir`` holds no run config, or a recipe was given too.
+    """
+    from mpp.config import ConfigError
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there (not an mpp run directory)")
+    if recipe:
+        raise ConfigError("--resume takes the run's saved config; do not pass --recipe with it")
+    data = read_config(saved)
+    data["output_dir"] = str(run_dir)
+    return data

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from mpp.checkpoint import Checkpoint, CheckpointError
+from mpp.checkpoint import Checkpoint
 from mpp.config import ConfigError
 from mpp.data import build_dataset, default_stats
 from mpp.data.skips import start_skip_log
@@ -30,7 +30,6 @@ from mpp.encoders import load_init
 from mpp.engine import (
     Checkpointer,
     FitHooks,
-    NonFiniteLossError,
     RunLog,
     Schedule,
     TrainState,
@@ -43,8 +42,8 @@ from mpp.engine import (
 from mpp.eval_config import StageConfig, build_eval_config
 from mpp.labels import LabelBudgetError, label_subset
 from mpp.models.vit import ViTEncoder
-from mpp.runinfo import write_config
-from mpp.runtime import check_output_dir, make_accelerator, one_line
+from mpp.runinfo import settings_to_resume, write_config
+from mpp.runtime import check_output_dir, make_accelerator
 from mpp.sampling import epoch_loader, mix_seed
 
 
@@ -57,6 +56,7 @@ def parse_stage_args(prog: str, description: str, argv: list[str] | None) -> arg
         "INIT (or init=...) is a pretraining run dir, an encoder.safetensors, a checkpoint, or 'random'.",
     )
     parser.add_argument("--recipe", help="YAML recipe stating what differs from the defaults")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the stopped run in RUN_DIR (its saved settings)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("args", nargs="*", metavar="INIT | key=value", help="the encoder, and dotted overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after --recipe
@@ -69,30 +69,20 @@ def parse_stage_args(prog: str, description: str, argv: list[str] | None) -> arg
 
 
 def resolve_stage_config(cls: type, args: argparse.Namespace) -> Any:
-    """The stage config from the parsed command line."""
-    return build_eval_config(cls, args.recipe, args.overrides, init=args.init)
+    """The stage config from the parsed command line (``--resume``: the saved settings of that run)."""
+    base = None
+    if getattr(args, "resume", None):
+        base = settings_to_resume(args.resume, args.recipe)
+        base.pop("_run", None)
+    return build_eval_config(cls, args.recipe, args.overrides, init=args.init, base=base)
 
 
 def stage_main(prog: str, cls: type, description: str, run: Callable[[Any], Any], argv: list[str] | None) -> int:
     """Parse, build the config, run; bad input is a one-line error (exit 2), a diverging loss exit 3."""
+    from mpp.commands import run_command
+
     args = parse_stage_args(prog, description, argv)
-    try:
-        config = resolve_stage_config(cls, args)
-        if args.print_config:
-            import yaml
-
-            from mpp.config import to_dict
-
-            print(yaml.safe_dump(to_dict(config), sort_keys=False))
-            return 0
-        run(config)
-    except (ConfigError, ValueError, CheckpointError, OSError) as err:  # OSError: full disk, unusable output_dir
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"{prog}: stopped: {err}", file=sys.stderr)
-        return 3
-    return 0
+    return run_command(prog, lambda: resolve_stage_config(cls, args), run, args.print_config)
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -211,7 +201,7 @@ def eval_tf(config: StageConfig, encoder: ViTEncoder, mean: list[float], std: li
 class SeededItems(Dataset):
     """``base``'s items with their augmentation randomness seeded from ``(seed, epoch, index)``.
 
-    torch's and Python's ``random`` generators (timm's RandAugment and random erasing use the latter) are seeded per
+    torch's, Python's and numpy's generators (timm's RandAugment and random erasing use the latter two) are seeded per
     item and restored after, so an image's augmentation does not depend on the worker or process that loads it.
     Set :attr:`epoch` before each epoch (:func:`mpp.sampling.epoch_loader` does).
     """
@@ -226,14 +216,16 @@ class SeededItems(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         sample_seed = mix_seed(self.seed, self.epoch, index)
-        state = random.getstate()
+        state, np_state = random.getstate(), np.random.get_state()
         try:
             random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)  # timm's RandAugment picks its ops with numpy's global generator
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed)
                 return self.base[index]
         finally:
             random.setstate(state)
+            np.random.set_state(np_state)
 
 
 def loader_workers(num_workers: int, images_per_epoch: int) -> int:
@@ -367,16 +359,30 @@ def batched(
     desc: str = "",
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fn`` over every image of ``dataset`` in order: ``(outputs float32 [N, ...] on CPU, labels int64 [N])``."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    """``fn`` over every image of ``dataset`` in order: ``(outputs float32 [N, ...] on CPU, labels int64 [N])``.
+
+    With several processes each computes every ``world``-th image and the results are gathered, so every process
+    returns the whole, ordered result having computed only its share.
+    """
+    world, rank, n = accelerator.num_processes, accelerator.process_index, len(dataset)  # type: ignore[arg-type]
+    per = -(-n // world)
+    mine = list(range(rank, n, world)) or [0]
+    mine += [mine[-1]] * (per - len(mine))  # equal shares for the gather; the padding is cut off below
+    part = dataset if world == 1 else Subset(dataset, mine)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=accelerator.device.type == "cuda")  # fmt: skip
     outputs, labels = [], []
     for imgs, target in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         with accelerator.autocast():
             out = fn(imgs.to(accelerator.device, non_blocking=True))
-        outputs.append(out.float().cpu())
-        labels.append(torch.as_tensor(target))
-    return torch.cat(outputs), torch.cat(labels).long()
+        outputs.append(out.float())
+        labels.append(torch.as_tensor(target).to(accelerator.device))
+    out, lab = torch.cat(outputs), torch.cat(labels).long()
+    if world > 1:  # rank r holds items r, r + world, ...: interleave the gathered shares back into order
+        rest = out.shape[1:]
+        out = accelerator.gather(out).view(world, per, *rest).transpose(0, 1).reshape(world * per, *rest)[:n]
+        lab = accelerator.gather(lab).view(world, per).t().reshape(-1)[:n]
+    return out.cpu(), lab.cpu()
 
 
 # ------------------------------------------------------------------------------------------------ reporting

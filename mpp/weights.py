@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 import mpp
 from mpp.models.mae import MaskedAutoencoder
 from mpp.models.vit import ViTEncoder
+from mpp.runtime import atomic_path, atomic_write_json
 
 FORMAT = "mpp.encoder.v1"
 MAE_FORMAT = "mpp.mae.v1"
@@ -48,13 +49,9 @@ def _write_with_metadata(state: dict[str, torch.Tensor], meta: dict[str, Any], p
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     # safetensors metadata values must be strings: store each entry as JSON.
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    tmp.replace(path)
-    json_path = path.with_suffix(".json")
-    tmp_json = json_path.with_name(json_path.name + ".tmp")
-    tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp_json.replace(json_path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    atomic_write_json(path.with_suffix(".json"), meta)
     return path
 
 

@@ -90,6 +90,7 @@ class OptimConfig(ScheduleConfig):
     """Pretraining optimiser and schedule, as the paper: AdamW (0.9, 0.95), ``lr = blr * effective_batch / 256``."""
 
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    fused: bool | None = None  # fused AdamW kernel; None: on with CUDA
     clip_grad: float | None = None
 
 

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from mpp.checkpoint import Checkpoint, newest_resumable, save_checkpoint
-from mpp.config import ConfigError
+from mpp.config import ConfigError, from_dict, to_dict
 from mpp.optim import absolute_lr, effective_batch, lr_at, set_lr
 from mpp.runinfo import read_config
 from mpp.sampling import mix_seed
@@ -62,7 +62,7 @@ class StepInfo:
 
     step: int
     epoch_float: float
-    loss: float
+    loss: torch.Tensor  # this process's mean loss of the step, still on the device (read it with LossWindow)
     lr: float
     images: int
 
@@ -100,12 +100,9 @@ def train_one_epoch(
 
     Returns:
         ``True`` if ``on_step`` asked to stop.
-
-    Raises:
-        NonFiniteLossError: the (process-averaged) loss is NaN or infinite.
     """
     model.train()
-    running = 0.0
+    running: torch.Tensor | float = 0.0
     for batch in batches:
         micro = state.batch_in_epoch % accum_steps
         last_micro = micro == accum_steps - 1
@@ -115,13 +112,7 @@ def train_one_epoch(
             with accelerator.autocast():
                 loss = loss_fn(model, batch)
             accelerator.backward(loss / accum_steps)
-        mean_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"loss is {mean_loss} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}); "
-                "stopping without saving. Lower the lr, enable optim.clip_grad, or use mixed_precision=bf16/no."
-            )
-        running += mean_loss
+        running = running + loss.detach().float()  # stays on the device: no host sync per step
         state.batch_in_epoch += 1
         if not last_micro:
             continue
@@ -135,7 +126,7 @@ def train_one_epoch(
         state.step += 1
         images = _batch_len(batch) * accum_steps * accelerator.num_processes
         state.images_seen += images
-        info = StepInfo(state.step, epoch_float, running / accum_steps, lr, images)
+        info = StepInfo(state.step, epoch_float, running / accum_steps, lr, images)  # type: ignore[arg-type]
         running = 0.0
         if on_step is not None and on_step(info):
             return True
@@ -347,19 +338,24 @@ def resume_state(run_dir: Path, say: Callable[[str], None] = print) -> Checkpoin
     return found
 
 
-def check_resumable(run_dir: Path, wanted: dict[str, Any], free_keys: set[str], command: str) -> None:
+def check_resumable(run_dir: Path, config: Any, free_keys: set[str], command: str) -> None:
     """Refuse to silently continue a run whose saved config differs in anything that changes the result.
 
     Args:
-        run_dir: the run directory (its config.yaml is compared, top-level key by key).
-        wanted: the new run's resolved config.
+        run_dir: the run directory (its config.yaml is compared, top-level key by key, after filling keys a newer
+            mpp added with their defaults).
+        config: the new run's resolved config (a config dataclass).
         free_keys: keys that may differ (where the run lives, logging cadence, ...).
         command: how to continue the run as saved, for the message (``mpp pretrain --resume``).
     """
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = read_config(saved_path)
+    wanted = to_dict(config)
+    try:
+        saved = to_dict(from_dict(type(config), read_config(saved_path)))
+    except ConfigError:
+        saved = read_config(saved_path)  # keys this version no longer knows: compare as written
     diffs = [k for k in sorted(set(saved) | set(wanted)) if k not in free_keys and saved.get(k) != wanted.get(k)]
     if diffs:
         raise ConfigError(
@@ -382,6 +378,55 @@ def restore_scaler(found: Checkpoint | None, accelerator: Accelerator) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ fit
+class LossWindow:
+    """Step losses kept on the device and read (one host sync, one cross-process mean) only when needed.
+
+    Reading happens at log steps, before every checkpoint and at epoch ends, so a GPU never waits for the host each
+    step, and a non-finite loss still stops the run before any state that saw it is saved.
+    """
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.pending: list[torch.Tensor] = []
+        self.first_step = 0
+        self.epoch_sum = 0.0
+        self.epoch_count = 0
+
+    def add(self, info: StepInfo) -> None:
+        """Keep one step's loss."""
+        if not self.pending:
+            self.first_step = info.step
+        self.pending.append(info.loss)
+
+    def read(self, step: int) -> float | None:
+        """Mean loss (over processes) of the steps since the last read; ``None`` if there were none.
+
+        Raises:
+            NonFiniteLossError: that mean is NaN or infinite.
+        """
+        if not self.pending:
+            return None
+        count = len(self.pending)
+        local = torch.stack([t.reshape(()) for t in self.pending]).mean()
+        mean = self.accelerator.reduce(local, reduction="mean").item()
+        self.pending = []
+        if not math.isfinite(mean):
+            where = f"at step {step}" if count == 1 else f"in steps {self.first_step}-{step}"
+            raise NonFiniteLossError(
+                f"loss is {mean} {where}; stopping without saving. Lower the lr, enable optim.clip_grad, or use "
+                "mixed_precision=bf16/no."
+            )
+        self.epoch_sum += mean * count
+        self.epoch_count += count
+        return mean
+
+    def epoch_mean(self) -> float:
+        """Mean loss of the epoch's read steps; resets for the next epoch."""
+        value = self.epoch_sum / max(self.epoch_count, 1)
+        self.epoch_sum, self.epoch_count = 0.0, 0
+        return value
+
+
 @dataclass
 class FitHooks:
     """Optional stage callbacks: after each optimiser step, after each pass over an epoch (complete or stopped)."""
@@ -437,29 +482,32 @@ def fit(
     show = progress and accelerator.is_local_main_process
     bar = tqdm(total=total, initial=state.step, disable=not show, unit="step", dynamic_ncols=True)
     meter, epoch_meter = Throughput(), Throughput()
-    window: list[float] = []
-    epoch_losses: list[float] = []
+    losses = LossWindow(accelerator)
     stop = False
+
+    def save() -> Path | None:
+        assert checkpointer is not None
+        losses.read(state.step)  # never save a state that has seen a non-finite loss
+        return checkpointer.save(model, optimizer, state)
 
     def after_step(info: StepInfo) -> bool:
         nonlocal stop
         meter.update(info.images)
         epoch_meter.update(info.images)
-        window.append(info.loss)
-        epoch_losses.append(info.loss)
+        losses.add(info)
         bar.update(1)
         if hooks.on_step is not None:
             hooks.on_step(info)
         if info.step % log_every == 0 or info.step == total:
-            record = {"step": info.step, "epoch": round(info.epoch_float, 4), "loss": sum(window) / len(window),
-                      "lr": info.lr, "images_per_s": round(meter.rate(), 2)}  # fmt: skip
-            window.clear()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{info.lr:.2e}", img_s=f"{record['images_per_s']:.0f}",
+            loss = losses.read(info.step)
+            record = {"step": info.step, "epoch": round(info.epoch_float, 4), "loss": loss, "lr": info.lr,
+                      "images_per_s": round(meter.rate(), 2)}  # fmt: skip
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{info.lr:.2e}", img_s=f"{record['images_per_s']:.0f}",
                             **bar_extra)  # fmt: skip
             if log is not None:
                 log.write(record, info.step)
         if checkpointer is not None and checkpointer.every_steps and info.step % checkpointer.every_steps == 0:
-            checkpointer.save(model, optimizer, state)
+            save()
         stop = stop_at_step is not None and info.step >= stop_at_step
         return stop
 
@@ -472,21 +520,21 @@ def fit(
             train_one_epoch(accelerator, model, optimizer, batches, loss_fn, state, lr_fn=schedule.lr_at,
                             steps_per_epoch=schedule.steps_per_epoch, accum_steps=schedule.accum_steps,
                             clip_grad=clip_grad, seed=seed, on_step=after_step)  # fmt: skip
+            losses.read(state.step)
             if state.batch_in_epoch >= schedule.micro_batches_per_epoch:
                 state.epoch += 1
                 state.batch_in_epoch = 0
+                mean_loss = losses.epoch_mean()
                 if say is not None and _worth_saying(state.epoch, schedule.epochs):
-                    mean_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
                     rate = epoch_meter.rate()
                     say(f"  epoch {state.epoch}/{schedule.epochs}: loss {mean_loss:.4f}, {rate:.0f} img/s")
-                epoch_losses.clear()
             if hooks.on_epoch_end is not None:
                 hooks.on_epoch_end(state)
             epoch_done = state.batch_in_epoch == 0
             due = epoch_done and (state.epoch % checkpointer.every_epochs == 0 or state.epoch == schedule.epochs) \
                 if checkpointer is not None else False  # fmt: skip
             if checkpointer is not None and (due or stop):
-                path = checkpointer.save(model, optimizer, state)
+                path = save()
                 if say is not None and path is not None and stop:
                     say(f"  stopped at step {state.step}: checkpoint {path}")
     finally:

@@ -99,6 +99,7 @@ class FinetuneSettings(ScheduleConfig):
     min_lr: float = 1e-6
     layer_decay: float = 0.65
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    fused: bool | None = None  # fused AdamW kernel; None: on with CUDA
     clip_grad: float | None = None
     drop_path_rate: float = 0.1
     smoothing: float = 0.1

@@ -39,7 +39,7 @@ from mpp.eval_config import FinetuneConfig
 from mpp.metrics import classification_metrics
 from mpp.models.classifier import FINETUNE_HEAD_STD, ViTClassifier
 from mpp.models.vit import ViTEncoder
-from mpp.optim import layer_decay_param_groups
+from mpp.optim import adamw, layer_decay_param_groups
 from mpp.report import write_results
 from mpp.runtime import atomic_path
 
@@ -118,7 +118,7 @@ def finetune(
         + (f", EMA {f.ema_decay:g}" if f.ema else ""))  # fmt: skip
 
     groups = layer_decay_param_groups(classifier, f.weight_decay, f.layer_decay, classifier.depth)
-    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=(f.betas[0], f.betas[1]))
+    optimizer = adamw(groups, schedule.lr, (f.betas[0], f.betas[1]), f.fused)
     mixup = None
     if mixing:
         mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,

@@ -33,15 +33,24 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW; ``fused`` (one kernel for all parameters) defaults to on with CUDA, where it is fastest.
+
+    The fused and the per-tensor implementations agree to float rounding (tested to 1e-6 after several steps).
+    """
+    if fused is None:
+        fused = torch.cuda.is_available()
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
 def pretrain_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool | None = None
 ) -> torch.optim.AdamW:
     """AdamW with the official groups: decay on weights of 2+ dims (tokens included), none on biases and norms.
 
     Frozen parameters (the fixed sin-cos tables) are left out by timm's grouping.
     """
-    groups = param_groups_weight_decay(model, weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return adamw(param_groups_weight_decay(model, weight_decay), lr, betas, fused)
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning

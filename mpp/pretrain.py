@@ -180,7 +180,7 @@ def run(config: PretrainConfig) -> Path:
     run_dir = check_output_dir(Path(config.output_dir))
     found = resume_state(run_dir)
     if found is not None:
-        check_resumable(run_dir, to_dict(config), RESUME_FREE_KEYS, "mpp pretrain --resume")
+        check_resumable(run_dir, config, RESUME_FREE_KEYS, "mpp pretrain --resume")
 
     seed_everything(config.seed)  # before the model, so its initial weights are the seed's
     model = build_mae(config)
@@ -198,7 +198,7 @@ def run(config: PretrainConfig) -> Path:
     accelerator.wait_for_everyone()
 
     o = config.optim
-    optimizer = pretrain_optimizer(model, schedule.lr, o.weight_decay, (o.betas[0], o.betas[1]))
+    optimizer = pretrain_optimizer(model, schedule.lr, o.weight_decay, (o.betas[0], o.betas[1]), o.fused)
     state = restore(found, model, optimizer) if found is not None else TrainState()
     if found is not None:
         say(f"  resumed from {found.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")

@@ -250,11 +250,9 @@ def stage_checkpoint(run_dir: Path, config: StageConfig, stage: str, say: Callab
 
     The run continues only with the settings it was started with (``output_dir`` and ``progress`` may differ).
     """
-    from mpp.config import to_dict
-
     found = resume_state(run_dir, say)
     if found is not None:
-        check_resumable(run_dir, to_dict(config), RESUME_FREE_KEYS, f"mpp {stage} --resume")
+        check_resumable(run_dir, config, RESUME_FREE_KEYS, f"mpp {stage} --resume")
         say(f"  resuming from {found.path} (step {found.trainer_state['step']})")
     return found
 

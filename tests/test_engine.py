@@ -1,0 +1,78 @@
+"""The engine's switches on CPU: fused and per-tensor AdamW agree, the loss is read from the device only at log
+steps and checkpoints (a NaN still never reaches a checkpoint), and the schedule prologue names bad batches."""
+
+import pytest
+import torch
+
+import mpp.pretrain as pretrain
+from mpp.checkpoint import checkpoint_dirs, read_checkpoint
+from mpp.config import ConfigError, OptimConfig, PretrainConfig, build_config
+from mpp.engine import LossWindow, NonFiniteLossError, StepInfo, plan_schedule
+from mpp.optim import pretrain_optimizer
+
+TINY = [
+    "model.name=mae_vit_micro_patch4", "data.source=synthetic", "data.synthetic_size=64", "data.num_workers=0",
+    "optim.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0", "optim.blr=1e-3", "mixed_precision=fp32",
+    "progress=false", "viz_samples=2", "monitor.enabled=false",
+]  # fmt: skip
+
+
+def test_fused_and_per_tensor_adamw_agree():
+    torch.manual_seed(0)
+    models = [pretrain.build_mae(build_config(PretrainConfig, None, TINY)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [pretrain_optimizer(m, 1e-3, 0.05, (0.9, 0.95), fused=f) for m, f in zip(models, (False, True), strict=True)]
+    imgs, noise = torch.randn(4, 1, 28, 28), torch.rand(4, 49)
+    params = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    for _ in range(5):  # the same gradients into both: only the optimiser arithmetic may differ
+        for opt in opts:
+            opt.zero_grad()
+        models[0](imgs, noise=noise).loss.backward()
+        for p, q in zip(*params, strict=True):
+            q.grad = p.grad.clone()
+        for opt in opts:
+            opt.step()
+    a, b = (m.state_dict() for m in models)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_loss_window_reads_once_and_names_the_steps():
+    from accelerate import Accelerator
+
+    window = LossWindow(Accelerator(cpu=True))
+    for step, value in enumerate([1.0, 2.0, 3.0], start=1):
+        window.add(StepInfo(step, 0.0, torch.tensor(value), 0.1, 8))
+    assert window.read(3) == pytest.approx(2.0) and window.read(3) is None
+    window.add(StepInfo(4, 0.0, torch.tensor(float("nan")), 0.1, 8))
+    window.add(StepInfo(5, 0.0, torch.tensor(1.0), 0.1, 8))
+    with pytest.raises(NonFiniteLossError, match="in steps 4-5"):
+        window.read(5)
+
+
+def test_nan_between_log_steps_never_reaches_a_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_loss = pretrain.MaskedAutoencoder.forward_loss
+    calls = {"n": 0}
+
+    def nan_at_5(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = real_loss(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(pretrain.MaskedAutoencoder, "forward_loss", nan_at_5)
+    code = pretrain.main([*TINY, f"output_dir={out}", "log_every=4", "checkpoint_every_steps=3"])
+    assert code == 3 and "in steps 5-6" in capsys.readouterr().err  # read before the step-6 checkpoint
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000003"]
+    assert all(torch.isfinite(v).all() for v in read_checkpoint(checkpoint_dirs(out)[0]).model_state.values())
+
+
+def test_schedule_prologue():
+    section = OptimConfig(epochs=2, batch_size=8, accum_steps=2, blr=1e-3, warmup_epochs=1)
+    plan = plan_schedule(section, 100, 2, "optim")
+    assert (plan.effective_batch, plan.steps_per_epoch, plan.total_steps) == (32, 3, 6)
+    assert plan.lr == pytest.approx(1e-3 * 32 / 256) and plan.micro_batches_per_epoch == 6
+    few = plan_schedule(OptimConfig(epochs=1, batch_size=64, min_steps=30, warmup_epochs=0.5), 40, 1, "optim",
+                        clip_batch=True)  # fmt: skip
+    assert few.batch_size == 40 and few.batch_clipped and few.epochs == 30 and few.warmup_epochs == 15
+    with pytest.raises(ConfigError, match="optim.batch_size=64: 40 images give no full step"):
+        plan_schedule(OptimConfig(batch_size=64), 40, 1, "optim")

@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "pretrain": ("mpp.pretrain", "MAE pretraining on a dataset or image folder (CPU, one or many GPUs), resumable"),
+    "shard": ("mpp.data.shards", "pack an image folder into tar shards + index (starts in seconds at any size)"),
     "convert": ("mpp.convert", "convert weights between mpp, official MAE, timm and Hugging Face formats"),
     "knn": ("mpp.knn", "weighted cosine kNN accuracy of a frozen encoder (optionally with few labels)"),
     "probe": ("mpp.probe", "linear probe (BN + linear, LARS) of a frozen encoder; full or cached-feature lr sweep"),

@@ -325,7 +325,8 @@ def check_schedule(section: ScheduleConfig, prefix: str) -> None:
 def check_source(d: SourceConfig) -> None:
     """A data section's impossible values (the parts every stage shares)."""
     _check(d.source in SOURCES, "data.source", d.source, f"must be one of {', '.join(SOURCES)}")
-    _check(d.source not in ("folder", "hf") or bool(d.path), "data.path", d.path, f"is required for source {d.source}")
+    _check(d.source not in ("folder", "shards", "hf") or bool(d.path), "data.path", d.path,
+           f"is required for source {d.source}")  # fmt: skip
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     if (d.mean is None) != (d.std is None):
         raise ConfigError("data.mean and data.std must be given together")

@@ -18,10 +18,11 @@ from mpp.data.fashion_mnist import FashionMNIST
 from mpp.data.folder import ImageFolder
 from mpp.data.hf import HFImageDataset
 from mpp.data.images import ChannelMismatchError
+from mpp.data.shards import TarShards
 from mpp.data.synthetic import SyntheticShapes
 from mpp.data.transforms import eval_transform, pretrain_transform
 
-SOURCES = ("fashion-mnist", "folder", "hf", "synthetic")
+SOURCES = ("fashion-mnist", "folder", "shards", "hf", "synthetic")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -35,6 +36,7 @@ __all__ = [
     "ImageDataset",
     "ImageFolder",
     "SyntheticShapes",
+    "TarShards",
     "build_dataset",
     "default_stats",
     "eval_transform",
@@ -57,9 +59,9 @@ def default_stats(source: str, in_chans: int) -> tuple[tuple[float, ...], tuple[
 
     - ``fashion-mnist``: its training-set statistics, repeated for 3 channels.
     - ``synthetic``: the generator's measured statistics, the same for every channel.
-    - ``folder`` and ``hf``: ImageNet's RGB statistics (what MAE and most pretrained ViTs use) for the first three
-      channels of a 3+ channel model; every channel without an RGB counterpart (a grey model, a 2-channel model, or
-      bands past the third of multispectral data) gets the mean of the three. For data far from photographs
+    - ``folder``, ``shards`` and ``hf``: ImageNet's RGB statistics (what MAE and most pretrained ViTs use) for the
+      first three channels of a 3+ channel model; every channel without an RGB counterpart (a grey model, a 2-channel
+      model, or bands past the third of multispectral data) gets the mean of the three. For data far from photographs
       (multispectral, X-ray, microscopy) statistics measured on the data itself are better.
 
     Raises:
@@ -95,8 +97,9 @@ def build_dataset(
     """Build the dataset of one split of a source.
 
     Args:
-        source: ``"fashion-mnist"``, ``"folder"`` (a directory of images, see :class:`ImageFolder`), ``"hf"`` (a
-            Hugging Face dataset, see :class:`HFImageDataset`) or ``"synthetic"`` (see :class:`SyntheticShapes`).
+        source: ``"fashion-mnist"``, ``"folder"`` (a directory of images, see :class:`ImageFolder`), ``"shards"``
+            (tar shards written by ``mpp shard``, see :class:`TarShards`), ``"hf"`` (a Hugging Face dataset, see
+            :class:`HFImageDataset`) or ``"synthetic"`` (see :class:`SyntheticShapes`).
         split: ``"train"``/``"test"`` for Fashion-MNIST; ``"train"``/``"val"``/``"test"`` for synthetic; for a
             folder the sub-folder ``path/<split>`` when it exists; for hf the split name.
         transform: applied to each image (PIL for 1 or 3 channels, ``uint8 [C, H, W]`` otherwise); ``None`` yields
@@ -135,6 +138,8 @@ def build_dataset(
         raise ValueError(f"data source {source!r} needs a path")
     if source == "folder":
         return ImageFolder(path, split, transform, in_chans=in_chans)
+    if source == "shards":
+        return TarShards(path, split, transform, in_chans=in_chans)
     return HFImageDataset(
         path,
         split,

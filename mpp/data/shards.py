@@ -28,6 +28,7 @@ from PIL import Image
 from mpp.data.base import ImageDataset, skip_line
 from mpp.data.folder import ImageFolder
 from mpp.data.images import convert_channels
+from mpp.runtime import atomic_write_text
 
 INDEX = "index.json"
 FORMAT = "mpp.shards.v1"
@@ -79,9 +80,7 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10_000, in_
             skip_line(item, folder.skip_reasons[item], folder.skip_when.get(item, "scan")) for item in folder.skipped
         )
     )
-    tmp = out / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index) + "\n")
-    os.replace(tmp, out / INDEX)  # the index last: a set is usable only once every shard is complete
+    atomic_write_text(out / INDEX, json.dumps(index) + "\n")  # last: a set is usable only once every shard is whole
     return out / INDEX
 
 

@@ -76,3 +76,13 @@ def test_schedule_prologue():
     assert few.batch_size == 40 and few.batch_clipped and few.epochs == 30 and few.warmup_epochs == 15
     with pytest.raises(ConfigError, match="optim.batch_size=64: 40 images give no full step"):
         plan_schedule(OptimConfig(batch_size=64), 40, 1, "optim")
+
+
+def test_every_attention_layer_dispatches_to_sdpa():
+    """timm's blocks call F.scaled_dot_product_attention (flash / memory-efficient kernels on a GPU) unless
+    TIMM_FUSED_ATTN=0; mpp's encoder and decoder must not fall back to the explicit softmax(QK^T)V path."""
+    from timm.layers import Attention
+
+    model = pretrain.build_mae(build_config(PretrainConfig, None, TINY))
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    assert len(layers) == 3 and all(layer.fused_attn for layer in layers)  # micro: 2 encoder + 1 decoder blocks

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mpp.runtime import DiskFullError, atomic_write_text, is_disk_full
+from mpp.runtime import DiskFullError, atomic_write_text, first_line, is_disk_full
 
 LATEST = "latest"
 PREFIX = "step_"
@@ -139,19 +139,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Weights only" in str(err):
             raise CheckpointError(f"{part} holds pickled objects that would run code on load; refused") from None
-        raise CheckpointError(f"{part} is not a readable torch file ({_first_line(err)})") from None
+        raise CheckpointError(f"{part} is not a readable torch file ({first_line(err)})") from None
     except (SafetensorError, json.JSONDecodeError, EOFError, RuntimeError, ValueError, OSError) as err:
-        raise CheckpointError(f"{part} is truncated or corrupt ({_first_line(err)})") from None
+        raise CheckpointError(f"{part} is truncated or corrupt ({first_line(err)})") from None
     if not isinstance(trainer, dict) or any(k not in trainer for k in STATE_KEYS):
         raise CheckpointError(f"{path / 'state.json'} lacks the trainer state ({', '.join(STATE_KEYS)})")
     if not isinstance(optimizer_state, dict):
         raise CheckpointError(f"{path / 'optimizer.pt'} is not an mpp optimizer state")
     return Checkpoint(path, model_state, optimizer_state, trainer)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:160] if text else type(err).__name__
 
 
 def newest_resumable(run_dir: str | Path) -> Checkpoint | None:

@@ -25,6 +25,7 @@ __all__ = [
     "check_output_dir",
     "is_disk_full",
     "make_accelerator",
+    "first_line",
     "one_line",
     "resolve_precision",
     "seed_everything",
@@ -137,3 +138,9 @@ def one_line(err: BaseException) -> str:
     else:
         text = str(err)
     return " ".join(text.split())
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """The first line of an error's message (at most ``limit`` characters): a library's detail inside our one line."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import mpp
 from mpp.models.mae import MaskedAutoencoder
 from mpp.models.vit import ViTEncoder
-from mpp.runtime import atomic_path, atomic_write_json
+from mpp.runtime import atomic_path, atomic_write_json, first_line
 
 FORMAT = "mpp.encoder.v1"
 MAE_FORMAT = "mpp.mae.v1"
@@ -61,8 +61,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     Raises:
         ValueError: the file is empty, truncated or not safetensors.
     """
-    from mpp.formats.safe_load import unreadable_safetensors
-
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -157,3 +155,10 @@ def load_mae(path: str | Path, **overrides: Any) -> tuple[MaskedAutoencoder, dic
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     return model, meta
+
+
+def unreadable_safetensors(path: str | Path, err: BaseException) -> ValueError:
+    """The one-line error for a ``.safetensors`` file that cannot be read: empty, truncated, or something else."""
+    empty = Path(path).is_file() and Path(path).stat().st_size == 0
+    why = "the file is empty" if empty else f"truncated or not a safetensors file ({first_line(err)})"
+    return ValueError(f"{path}: {why}")

@@ -22,6 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from mpp.runtime import first_line
+from mpp.weights import unreadable_safetensors
+
 SAFE_GLOBALS = [argparse.Namespace]
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -52,15 +55,10 @@ def safe_torch_load(path: str | Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):  # not a refusal: the bytes are not a pickle at all
-            raise ValueError(f"{path}: not a PyTorch weights file ({_first_line(err)})") from None
+            raise ValueError(f"{path}: not a PyTorch weights file ({first_line(err)})") from None
         names = _unsafe_globals(path, err)
         # `from None`: torch's own message suggests weights_only=False, which is exactly what must not be done blindly.
         raise ValueError(_refusal_message(path, names)) from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:160] if lines else type(err).__name__
 
 
 def _unsafe_globals(path: Path, err: Exception) -> list[str]:
@@ -104,13 +102,6 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise unreadable_safetensors(path, err) from None
 
 
-def unreadable_safetensors(path: str | Path, err: BaseException) -> ValueError:
-    """The one-line error for a ``.safetensors`` file that cannot be read: empty, truncated, or something else."""
-    empty = Path(path).is_file() and Path(path).stat().st_size == 0
-    why = "the file is empty" if empty else f"truncated or not a safetensors file ({_first_line(err)})"
-    return ValueError(f"{path}: {why}")
-
-
 def read_weights_file(path: str | Path) -> tuple[Any, dict[str, str]]:
     """The content of a weights file: safetensors (with its metadata) or a weights-only pickle (metadata ``{}``)."""
     path = Path(path)
@@ -123,4 +114,4 @@ def read_weights_file(path: str | Path) -> tuple[Any, dict[str, str]]:
     except ValueError:
         raise  # already one line: a refusal, an empty file
     except Exception as err:  # noqa: BLE001 - on bytes that are not a pickle torch's unpickler raises anything
-        raise ValueError(f"{path}: truncated or not a PyTorch weights file ({_first_line(err)})") from None
+        raise ValueError(f"{path}: truncated or not a PyTorch weights file ({first_line(err)})") from None

@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(pretrain.MaskedAutoencoder, "forward_loss", exploding_loss)
     code = pretrain.main([*TINY, f"output_dir={out}", "checkpoint_every_steps=2"])
     err = capsys.readouterr().err
-    assert code == 3 and "loss is nan at step 5" in err
+    assert code == 3 and "loss is nan at step 6" in err  # the step whose loss it was
     good = latest_checkpoint(out)
     assert good.name == "step_00000004"
     state = load_checkpoint(good)[0]

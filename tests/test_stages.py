@@ -169,6 +169,11 @@ def test_two_processes_give_one_process_results_for_knn_probe_and_finetune(tmp_p
         launch([*args, *(b.format(16) for b in batch[name]), f"output_dir={one}"], 1, 0)
         launch([*args, *(b.format(8) for b in batch[name]), f"output_dir={two}"], 2, 29600 + i)
         r1, r2 = (json.loads((d / "results.json").read_text())["protocols"][name] for d in (one, two))
+        if name == "probe":
+            # The head's BatchNorm normalises each process's own batch (as the official probe under DDP), so the
+            # two runs differ slightly: same steps, accuracy within 2 of the 64 test images.
+            assert r1["steps"] == r2["steps"] and abs(r1["top1"] - r2["top1"]) <= 2 * 100 / 64, (r1["top1"], r2["top1"])
+            continue
         assert abs(r1["top1"] - r2["top1"]) < 1e-6, (name, r1["top1"], r2["top1"])
         if name != "knn":
             l1, l2 = (

@@ -49,17 +49,9 @@ def test_loss_window_reads_once_and_names_the_steps():
         window.read(5)
 
 
-def test_nan_between_log_steps_never_reaches_a_checkpoint(tmp_path, monkeypatch, capsys):
+def test_nan_between_log_steps_never_reaches_a_checkpoint(tmp_path, nan_loss, capsys):
     out = tmp_path / "run"
-    real_loss = pretrain.MaskedAutoencoder.forward_loss
-    calls = {"n": 0}
-
-    def nan_at_5(self, imgs, pred, mask):
-        calls["n"] += 1
-        loss = real_loss(self, imgs, pred, mask)
-        return loss * float("nan") if calls["n"] == 5 else loss
-
-    monkeypatch.setattr(pretrain.MaskedAutoencoder, "forward_loss", nan_at_5)
+    nan_loss(5, once=True)
     code = pretrain.main([*TINY, f"output_dir={out}", "log_every=4", "checkpoint_every_steps=3"])
     assert code == 3 and "in steps 5-6" in capsys.readouterr().err  # read before the step-6 checkpoint
     assert [p.name for p in checkpoint_dirs(out)] == ["step_00000003"]

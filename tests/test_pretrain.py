@@ -147,17 +147,9 @@ def test_auto_resume_refuses_changed_settings(tmp_path):
         pretrain.run(tiny_config(tmp_path / "run", "optim.blr=1e-2"))
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_loss, capsys):
     out = tmp_path / "run"
-    real_loss = pretrain.MaskedAutoencoder.forward_loss
-    calls = {"n": 0}
-
-    def exploding_loss(self, imgs, pred, mask):
-        calls["n"] += 1
-        loss = real_loss(self, imgs, pred, mask)
-        return loss * float("nan") if calls["n"] > 5 else loss
-
-    monkeypatch.setattr(pretrain.MaskedAutoencoder, "forward_loss", exploding_loss)
+    nan_loss(6)
     code = pretrain.main([*TINY, f"output_dir={out}", "checkpoint_every_steps=2"])
     err = capsys.readouterr().err
     assert code == 3 and "loss is nan at step 6" in err  # the step whose loss it was

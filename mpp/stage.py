@@ -364,9 +364,11 @@ def batched(
     """
     world, rank, n = accelerator.num_processes, accelerator.process_index, len(dataset)  # type: ignore[arg-type]
     per = -(-n // world)
-    mine = list(range(rank, n, world)) or [0]
-    mine += [mine[-1]] * (per - len(mine))  # equal shares for the gather; the padding is cut off below
-    part = dataset if world == 1 else Subset(dataset, mine)
+    part = dataset
+    if world > 1:
+        mine = list(range(rank, n, world)) or [0]
+        mine += [mine[-1]] * (per - len(mine))  # equal shares for the gather; the padding is cut off below
+        part = Subset(dataset, mine)
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=accelerator.device.type == "cuda")  # fmt: skip
     outputs, labels = [], []

@@ -13,6 +13,7 @@ COMMANDS = {
     "probe": ("mpp.probe", "linear probe (BN + linear, LARS) of a frozen encoder; full or cached-feature lr sweep"),
     "finetune": ("mpp.finetune", "full fine-tuning (layer decay, mixup/cutmix, RandAugment), or from scratch"),
     "evaluate": ("mpp.evaluate", "kNN + probe (+ fine-tune) of a run: results.json/.md, confusion plots"),
+    "visualize": ("mpp.visualize", "reconstructions, attention, position embeddings, PCA of an encoder: index.html"),
 }
 
 

@@ -1,7 +1,8 @@
-"""Pictures people can read: reconstruction grids (original / masked / reconstruction / pasted) and curves."""
+"""Reconstructions people can read: original / masked / reconstruction / reconstruction with the visible pasted."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +12,78 @@ from mpp.masking import unpatchify
 from mpp.models.mae import MaskedAutoencoder
 
 
+@dataclass
+class Reconstruction:
+    """Display images ``[N, C', H, W]`` in ``[0, 1]`` (C' is 1 or 3: multispectral shows its first three bands).
+
+    Attributes:
+        original: the input.
+        masked: the input with removed patches grey.
+        recon: the decoder's prediction for every patch; norm-pix predictions mapped back with statistics from the
+            visible patches only (:func:`mpp.models.mae.visible_patch_stats`).
+        pasted: ``recon`` on the removed patches, the input on the visible ones.
+        recon_truth: for norm-pix models, the prediction mapped back with each hidden patch's *true* mean and std (the
+            official visualisation's way: brightness and contrast leak from the truth); ``None`` otherwise.
+        loss: the model's loss on this batch and mask.
+    """
+
+    original: torch.Tensor
+    masked: torch.Tensor
+    recon: torch.Tensor
+    pasted: torch.Tensor
+    recon_truth: torch.Tensor | None
+    loss: float
+
+
 @torch.no_grad()
+def reconstruct(
+    model: MaskedAutoencoder,
+    imgs: torch.Tensor,
+    mean: tuple[float, ...] | list[float],
+    std: tuple[float, ...] | list[float],
+    noise: torch.Tensor | None = None,
+    mask_ratio: float | None = None,
+) -> Reconstruction:
+    """Mask, reconstruct and turn everything into display images.
+
+    Args:
+        model: the masked autoencoder (run in eval mode here).
+        imgs: normalised input ``[N, C, H, W]`` at the model's input size.
+        mean: per-channel normalisation mean used to make ``imgs``.
+        std: per-channel normalisation std.
+        noise: optional ``[N, L]`` sort keys fixing the mask (see :func:`mpp.masking.make_noise`).
+        mask_ratio: fraction removed; the model's own when ``None``.
+    """
+    was_training = model.training
+    model.eval()
+    out = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    model.train(was_training)
+    pred = out.pred.float()
+    patch_mask = out.mask.unsqueeze(-1).expand(-1, -1, model.patch_size**2 * model.in_chans)
+    pixel_mask = unpatchify(patch_mask, model.patch_size, model.grid_size, model.in_chans)  # 1 = removed
+    m = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
+
+    def to_display(x: torch.Tensor) -> torch.Tensor:
+        x = (x * s + m).clamp(0, 1)
+        if x.shape[1] not in (1, 3):  # multispectral: show the first three bands
+            x = x[:, :3] if x.shape[1] > 3 else x[:, :1]
+        return x.cpu()
+
+    original = to_display(imgs)
+    display_mask = pixel_mask[:, : original.shape[1]].cpu()
+    recon = to_display(model.pred_to_pixels(imgs, pred, mask=out.mask))
+    truth = to_display(model.pred_to_pixels(imgs, pred)) if model.norm_pix_loss else None
+    return Reconstruction(
+        original=original,
+        masked=original * (1 - display_mask) + 0.5 * display_mask,
+        recon=recon,
+        pasted=original * (1 - display_mask) + recon * display_mask,
+        recon_truth=truth,
+        loss=float(out.loss),
+    )
+
+
 def reconstruction_rows(
     model: MaskedAutoencoder,
     imgs: torch.Tensor,
@@ -21,37 +93,11 @@ def reconstruction_rows(
 ) -> torch.Tensor:
     """Four display rows ``[0, 1]``: original, masked input, reconstruction, reconstruction with visible pasted.
 
-    Args:
-        model: the masked autoencoder (run in eval mode here).
-        imgs: normalised input ``[N, C, H, W]``.
-        mean: per-channel normalisation mean used to make ``imgs``.
-        std: per-channel normalisation std.
-        noise: optional ``[N, L]`` sort keys to fix the mask.
-
     Returns:
         ``[4*N, 3 or 1, H, W]`` ready for :func:`torchvision.utils.make_grid` with ``nrow=N``.
     """
-    was_training = model.training
-    model.eval()
-    out = model(imgs, noise=noise)
-    model.train(was_training)
-    pred = model.pred_to_pixels(imgs, out.pred.float())  # norm-pix predictions mapped back per patch
-    patch_mask = out.mask.unsqueeze(-1).expand(-1, -1, model.patch_size**2 * model.in_chans)
-    pixel_mask = unpatchify(patch_mask, model.patch_size, model.grid_size, model.in_chans)  # 1 = removed
-    m = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
-
-    def to_display(x: torch.Tensor) -> torch.Tensor:
-        return (x * s + m).clamp(0, 1)
-
-    original = to_display(imgs)
-    masked = original * (1 - pixel_mask) + 0.5 * pixel_mask  # removed patches shown grey
-    recon = to_display(pred)
-    pasted = original * (1 - pixel_mask) + recon * pixel_mask
-    rows = torch.cat([original, masked, recon, pasted])
-    if rows.shape[1] not in (1, 3):  # multispectral: show the first three bands
-        rows = rows[:, :3] if rows.shape[1] > 3 else rows[:, :1]
-    return rows.cpu()
+    r = reconstruct(model, imgs, mean, std, noise)
+    return torch.cat([r.original, r.masked, r.recon, r.pasted])
 
 
 def save_reconstruction_grid(

@@ -202,8 +202,9 @@ def test_set_grid_resizes_position_table():
     assert model.pos_embed.shape == (1, 1 + 64, 64) and model.grid_size == (8, 8)
     assert torch.equal(model.pos_embed[0, 0], cls_row)
     assert model.forward_features(torch.randn(1, 1, 32, 32)).shape == (1, 65, 64)
-    model.set_grid(32, patch_size=8)
-    assert model.forward_features(torch.randn(1, 1, 32, 32)).shape == (1, 17, 64)
+    encoder = mpp.ViTEncoder(**model.encoder_config)  # a new patch size is for encoders (an MAE keeps its pixel head)
+    encoder.set_grid(32, patch_size=8)
+    assert encoder.forward_features(torch.randn(1, 1, 32, 32)).shape == (1, 17, 64)
 
 
 def test_pred_to_pixels_inverts_norm_pix_target():

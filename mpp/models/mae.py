@@ -50,6 +50,39 @@ def normalize_patches(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return (target - mean) / std, mean, std
 
 
+def visible_patch_stats(
+    imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, grid_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std as an observer of the visible patches alone can know them.
+
+    Visible patches keep their own statistics; each hidden patch gets the inverse-squared-distance weighted average
+    of the visible patches' (grid distance between patch centres), so nothing of the hidden truth leaks into a
+    norm-pix reconstruction mapped back to pixels.
+
+    Args:
+        imgs: ``[N, C, H, W]``.
+        mask: ``[N, L]``, 1 = removed; at least one patch per image must be visible.
+        patch_size: patch side.
+        grid_size: ``(h, w)``.
+
+    Returns:
+        ``(mean, std)``, each ``[N, L, 1]``.
+    """
+    _, mean, std = normalize_patches(patchify(imgs, patch_size))
+    h, w = grid_size
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    centres = torch.stack([rows.flatten(), cols.flatten()], dim=1).float().to(imgs.device)
+    weight = 1.0 / torch.cdist(centres, centres).pow(2).fill_diagonal_(float("inf"))  # [L, L], 0 on the diagonal
+    weight = weight.unsqueeze(0) * (1 - mask.float()).unsqueeze(1)  # only visible patches vote: [N, L, L]
+    total = weight.sum(dim=-1, keepdim=True)
+    if bool((total[mask.bool()] == 0).any()):
+        raise ValueError("every patch is masked: no visible patch to estimate statistics from")
+    hidden = mask.bool().unsqueeze(-1)
+    est_mean = (weight @ mean) / total.clamp_min(1e-12)
+    est_std = (weight @ std) / total.clamp_min(1e-12)
+    return torch.where(hidden, est_mean, mean), torch.where(hidden, est_std, std)
+
+
 class MaskedAutoencoder(ViTEncoder):
     """MAE with a ViT encoder (inherited, so encoder keys sit at the top level as in the official model).
 
@@ -182,16 +215,33 @@ class MaskedAutoencoder(ViTEncoder):
         return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore)
 
     # ------------------------------------------------------------------------------------------- display
-    def pred_to_pixels(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    def pred_to_pixels(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predictions as images ``[N, C, H, W]`` in the input's scale.
 
-        Norm-pix predictions are mapped back with each patch's own mean and std (taken from the input), otherwise
-        they look like noise. Only the masked patches of this are real reconstructions.
+        Norm-pix predictions are only shapes (zero mean, unit std per patch) and look like noise until mapped back
+        with a mean and std per patch. Without ``mask`` every patch uses its own true statistics (what the official
+        visualisation does: a hidden patch's brightness and contrast then come from the hidden truth); with ``mask``
+        hidden patches use statistics estimated from the visible ones (:func:`visible_patch_stats`), so the picture
+        shows only what the model and the visible patches know. Only the masked patches are real reconstructions.
         """
         if self.norm_pix_loss:
-            _, mean, std = normalize_patches(patchify(imgs, self.patch_size))
+            if mask is None:
+                _, mean, std = normalize_patches(patchify(imgs, self.patch_size))
+            else:
+                mean, std = visible_patch_stats(imgs, mask, self.patch_size, self.grid_size)
             pred = pred * std + mean
         return unpatchify(pred, self.patch_size, self.grid_size, self.in_chans)
+
+    def set_grid(self, img_size: int | tuple[int, int], patch_size: int | None = None) -> None:
+        """Move encoder and decoder to another input size: the decoder's fixed sin-cos table is recomputed too.
+
+        Reconstructing at a new patch size would need a new pixel head, so only the input size may change here.
+        """
+        if patch_size not in (None, self.patch_size):
+            raise ValueError(f"a masked autoencoder keeps its patch size {self.patch_size}; got {patch_size}")
+        super().set_grid(img_size)
+        table = sincos_2d(self.decoder_embed_dim, self.grid_size, self.num_prefix_tokens).unsqueeze(0)
+        self.decoder_pos_embed = nn.Parameter(table.to(self.decoder_pos_embed), requires_grad=False)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder-only weights (no decoder keys), as the official ``mae_pretrain_vit_*`` files."""

@@ -83,6 +83,9 @@ class DataConfig(SourceConfig):
     crop_scale_min: float = 0.2
     hflip: bool = True
     limit: int | None = None
+    # Decode every image once and augment whole batches in the training process (mpp.data.memory); None: on for the
+    # sources that are arrays in memory anyway (fashion-mnist, synthetic), off for files.
+    in_memory: bool | None = None
 
 
 @dataclass

@@ -23,6 +23,7 @@ from torch.utils.data import Subset
 from mpp.commands import run_command
 from mpp.config import ConfigError, PretrainConfig, build_config, model_overrides, to_dict
 from mpp.data import build_dataset, default_stats
+from mpp.data.memory import MemoryPretrainSamples, decode_all, memory_epoch_batches
 from mpp.data.skips import SKIPPED_FILES, decode_skips, start_skip_log
 from mpp.data.transforms import eval_transform, pretrain_transform
 from mpp.engine import (
@@ -95,6 +96,10 @@ def data_stats(config: PretrainConfig, in_chans: int) -> tuple[tuple[float, ...]
     return default_stats(config.data.source, in_chans)
 
 
+# Sources whose images are arrays in memory already: decoding them up front costs seconds and no disk.
+IN_MEMORY_SOURCES = ("fashion-mnist", "synthetic")
+
+
 def make_dataset(config: PretrainConfig, transform: Any, in_chans: int, img_size: int) -> Any:
     """The training split of the configured source with ``transform`` (a seeded subset if ``data.limit``)."""
     d = config.data
@@ -113,20 +118,35 @@ def make_dataset(config: PretrainConfig, transform: Any, in_chans: int, img_size
 class PretrainData:
     """The masked training samples, the same images untransformed for pictures and the monitor, their statistics."""
 
-    samples: SeededPretrainSamples
+    samples: SeededPretrainSamples | MemoryPretrainSamples
     plain: Any
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether batches are augmented in the training process from decoded images (:mod:`mpp.data.memory`)."""
+        return isinstance(self.samples, MemoryPretrainSamples)
 
 
 def build_data(config: PretrainConfig, model: MaskedAutoencoder) -> PretrainData:
     """Augmented, pre-masked training samples and the plain (evaluation-transform) view of the same split."""
     img_size, in_chans = model.img_size[0], model.in_chans
     mean, std = data_stats(config, in_chans)
-    train_tf = pretrain_transform(model.img_size, mean, std, scale=(config.data.crop_scale_min, 1.0),
-                                  hflip=config.data.hflip)  # fmt: skip
-    samples = SeededPretrainSamples(make_dataset(config, train_tf, in_chans, img_size), model.grid_size,
-                                    model.mask_ratio, model.mask_type, config.seed)  # fmt: skip
+    scale = (config.data.crop_scale_min, 1.0)
+    in_memory = config.data.in_memory
+    if in_memory is None:
+        in_memory = config.data.source in IN_MEMORY_SOURCES
+    if in_memory:
+        source = make_dataset(config, None, in_chans, img_size)
+        images, labels = decode_all(source, model.img_size)
+        samples: Any = MemoryPretrainSamples(images, labels, model.grid_size, model.mask_ratio, model.mask_type,
+                                             config.seed, scale, config.data.hflip, mean, std)  # fmt: skip
+        samples.base = source  # for the skipped-files log
+    else:
+        train_tf = pretrain_transform(model.img_size, mean, std, scale=scale, hflip=config.data.hflip)
+        samples = SeededPretrainSamples(make_dataset(config, train_tf, in_chans, img_size), model.grid_size,
+                                        model.mask_ratio, model.mask_type, config.seed)  # fmt: skip
     plain = make_dataset(config, eval_transform(model.img_size, mean, std), in_chans, img_size)
     return PretrainData(samples, plain, mean, std)
 
@@ -144,11 +164,13 @@ def announce(
     say(schedule.describe("optim"))
     say(f"  encoder sees {visible} of {model.num_patches + model.num_prefix_tokens} tokens per image, "
         f"{visible * schedule.effective_batch} per step")  # fmt: skip
+    say("  data: decoded once into memory, batches augmented in the training process" if data.in_memory
+        else f"  data: {config.data.num_workers} loader worker(s) decoding and augmenting each image")  # fmt: skip
     return {
         "world_size": schedule.world, "effective_batch": schedule.effective_batch, "lr": schedule.lr,
         "dataset_size": len(data.samples), "steps_per_epoch": schedule.steps_per_epoch,
         "total_steps": schedule.total_steps, "encoder_tokens_per_step": visible * schedule.effective_batch,
-        "mean": list(data.mean), "std": list(data.std), "params": params,
+        "mean": list(data.mean), "std": list(data.std), "params": params, "in_memory": data.in_memory,
     }  # fmt: skip
 
 
@@ -231,6 +253,9 @@ def run(config: PretrainConfig) -> Path:
         return m(imgs.to(device, non_blocking=True), noise=noise.to(device, non_blocking=True)).loss
 
     def loader_for(epoch: int, skip: int) -> Any:
+        if data.in_memory:
+            return memory_epoch_batches(data.samples, schedule.batch_size, epoch, rank=accelerator.process_index,
+                                        world_size=schedule.world, seed=config.seed, skip_batches=skip)  # fmt: skip
         return epoch_loader(data.samples, schedule.batch_size, epoch, rank=accelerator.process_index,
                             world_size=schedule.world, seed=config.seed, skip_batches=skip,
                             num_workers=config.data.num_workers,

@@ -126,7 +126,8 @@ class PretrainConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 0
     mixed_precision: str = "auto"
-    compile: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on with CUDA (a failure falls back with a note)
+    compile_backend: str = "inductor"
     cpu: bool = False
     log_every: int = 10
     checkpoint_every_steps: int | None = None

@@ -45,7 +45,7 @@ from mpp.models import MaskedAutoencoder, create_model
 from mpp.monitor import KnnMonitor, MonitorRun, previous_random_reading
 from mpp.optim import pretrain_optimizer
 from mpp.runinfo import settings_to_resume, write_config
-from mpp.runtime import check_output_dir, make_accelerator, seed_everything
+from mpp.runtime import check_output_dir, compile_model, make_accelerator, seed_everything
 from mpp.sampling import SeededPretrainSamples, epoch_loader
 from mpp.viz import save_reconstruction_grid
 from mpp.weights import save_encoder, save_mae
@@ -226,7 +226,7 @@ def run(config: PretrainConfig) -> Path:
         say(f"  resumed from {found.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     model, optimizer = accelerator.prepare(model, optimizer)
     restore_scaler(found, accelerator)
-    train_model = torch.compile(model) if config.compile else model
+    train_model = model
     raw: MaskedAutoencoder = accelerator.unwrap_model(model)
 
     main = accelerator.is_main_process
@@ -260,6 +260,15 @@ def run(config: PretrainConfig) -> Path:
                             world_size=schedule.world, seed=config.seed, skip_batches=skip,
                             num_workers=config.data.num_workers,
                             pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+
+    if config.compile or (config.compile is None and accelerator.device.type == "cuda"):
+        first = next(iter(loader_for(state.epoch, state.batch_in_epoch)))
+
+        def trial(m: torch.nn.Module) -> torch.Tensor:
+            with accelerator.autocast():  # the precision the steps will run in, so the graph is reused
+                return loss_fn(m, first)
+
+        train_model = compile_model(model, trial, config.compile_backend, say)
 
     start = time.perf_counter()
     if state.step == 0 and main:

@@ -9,7 +9,7 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +144,33 @@ def first_line(err: BaseException, limit: int = 160) -> str:
     """The first line of an error's message (at most ``limit`` characters): a library's detail inside our one line."""
     lines = str(err).strip().splitlines()
     return lines[0][:limit] if lines else type(err).__name__
+
+
+def compile_model(
+    model: torch.nn.Module, trial: Callable[[torch.nn.Module], torch.Tensor], backend: str, say: Callable[[str], None]
+) -> torch.nn.Module:
+    """``torch.compile(model)``, tried on one real forward + backward first; the eager model when that fails.
+
+    Compilation happens lazily at the first call, so a missing compiler, an unsupported op or a bad backend would
+    otherwise stop the run at its first step. The trial's gradients are cleared and no optimizer step is taken, so
+    the weights and the run's randomness (reseeded every step) are untouched.
+
+    Args:
+        model: the prepared model.
+        trial: runs the (compiled) model on a batch and returns a scalar loss.
+        backend: ``torch.compile`` backend (``inductor``; ``aot_eager`` traces without generating code).
+        say: where the one-line note goes.
+
+    Returns:
+        The compiled model, or ``model`` itself.
+    """
+    try:
+        compiled = torch.compile(model, backend=backend)
+        trial(compiled).backward()
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: train eagerly, say why
+        say(f"  torch.compile ({backend}) failed, training without it: {one_line(err)[:300]}")
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    say(f"  torch.compile ({backend}): compiled")
+    return compiled

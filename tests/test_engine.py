@@ -78,3 +78,24 @@ def test_every_attention_layer_dispatches_to_sdpa():
     model = pretrain.build_mae(build_config(PretrainConfig, None, TINY))
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     assert len(layers) == 3 and all(layer.fused_attn for layer in layers)  # micro: 2 encoder + 1 decoder blocks
+
+
+def _final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "mae.safetensors"))
+
+
+@pytest.mark.slow
+def test_compiled_pretraining_matches_eager_and_a_broken_compiler_falls_back(tmp_path, capsys):
+    short = [*TINY, "data.synthetic_size=32"]  # 4 steps
+    assert pretrain.main([*short, f"output_dir={tmp_path / 'eager'}", "compile=false"]) == 0
+    # aot_eager traces the model into a graph through AOTAutograd (what inductor compiles) without generating code.
+    assert pretrain.main([*short, f"output_dir={tmp_path / 'aot'}", "compile=true", "compile_backend=aot_eager"]) == 0
+    assert "torch.compile (aot_eager): compiled" in capsys.readouterr().out
+    assert pretrain.main([*short, f"output_dir={tmp_path / 'bad'}", "compile=true", "compile_backend=no_such"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.compile (no_such) failed, training without it" in out
+    eager, aot, bad = (_final_weights(tmp_path / name) for name in ("eager", "aot", "bad"))
+    assert all(torch.equal(eager[k], bad[k]) for k in eager)  # the trial step left no trace
+    assert max((eager[k] - aot[k]).abs().max().item() for k in eager) < 1e-5

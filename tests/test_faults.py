@@ -187,9 +187,15 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, full_run):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}  # the in-process runs use 2 threads (conftest): same arithmetic
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(checkpoint_dirs(out)) < 3:
-        time.sleep(0.02)
-    time.sleep(0.1)  # somewhere in the run, maybe mid-checkpoint
+    # Wait for the step-3 checkpoint by name: only two are kept, so counting directories would race with pruning.
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not any(p.name >= "step_00000003" for p in checkpoint_dirs(out))
+    ):
+        time.sleep(0.01)
+    time.sleep(0.02)  # somewhere in the run, maybe mid-checkpoint
+    assert proc.poll() is None, "the run ended before it could be killed: make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert pretrain.main(["--resume", str(out)]) == 0

@@ -19,15 +19,13 @@ the figure is per core), it times each pipeline over the folder and reports imag
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_facts, write_report
 from PIL import Image, ImageDraw
 from torchvision.io import decode_jpeg, read_file
 
@@ -114,12 +112,9 @@ def main() -> None:
             cuda_batch()
             results["cuda_batch"] = len(paths) / (time.perf_counter() - start)
             print(f"cuda_batch: {results['cuda_batch']:.1f} images/s (whole GPU)")
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if platform.system() == "Linux" else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
-    report = {"date": time.strftime("%Y-%m-%d"), "cpu": model, "torch": torch.__version__,
-              "images": args.images, "jpeg_kb": round(mean_kb, 1), "images_per_s": results}  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    report = {**machine_facts(), "images": args.images, "jpeg_kb": round(mean_kb, 1), "images_per_s": results}
+    write_report(args.out, report)
+    model = f"{report['cpu']} (AMX: {report['amx']})"
     print(f"\n{args.images} synthetic 500x375 JPEGs ({mean_kb:.0f} KB each), {model}, 1 thread\n")
     print("| pipeline | images/s | per |\n| --- | ---: | --- |")
     for name, value in results.items():

@@ -15,12 +15,12 @@ then times:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_facts, write_report
 from PIL import Image
 
 from mpp.config import PretrainConfig, build_config
@@ -67,9 +67,7 @@ def main() -> None:
         seconds["pretrain on shards: start to first step done"], _ = timed(
             lambda: run(build_config(PretrainConfig, None, overrides))
         )
-    report = {"date": time.strftime("%Y-%m-%d"), "files": args.files, "seconds": seconds}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, {**machine_facts(), "files": args.files, "seconds": seconds})
     print(f"\n{args.files} files\n\n| step | seconds |\n| --- | ---: |")
     for name, value in seconds.items():
         print(f"| {name} | {value:.1f} |")

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import machine_facts, write_report
 
 import mpp
 from mpp.config import PretrainConfig, build_config
@@ -89,17 +88,11 @@ def main() -> None:
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()), flush=True)
     medians = {k: statistics.median(v) for k, v in results.items()}
     bare = medians["bare step"]
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if platform.system() == "Linux" else ""
-    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
-    report = {
-        "date": time.strftime("%Y-%m-%d"), "cpu": model_name, "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__,
-        "variant": VARIANT, "batch": BATCH, "rounds": args.rounds, "images_per_s": results, "median": medians,
-        "ratio_to_bare": {k: v / bare for k, v in medians.items()},
-    }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{VARIANT}, batch {BATCH}, {report['cpu']}, {report['threads']} threads, median of {args.rounds}\n")
+    report = {**machine_facts(), "variant": VARIANT, "batch": BATCH, "rounds": args.rounds, "images_per_s": results,
+              "median": medians, "ratio_to_bare": {k: v / bare for k, v in medians.items()}}  # fmt: skip
+    write_report(args.out, report)
+    where = f"{report['cpu']} (AMX: {report['amx']}), {report['threads']} threads"
+    print(f"\n{VARIANT}, batch {BATCH}, {where}, median of {args.rounds}\n")
     print("| loop | images/s | / bare step |\n| --- | ---: | ---: |")
     for name, value in medians.items():
         print(f"| {name} | {value:.1f} | {value / bare:.2f} |")

@@ -57,6 +57,14 @@ class SeededPretrainSamples(Dataset):
         return image, noise, label
 
 
+def epoch_order(length: int, epoch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> list[int]:
+    """This process's share of one epoch's seeded permutation of ``range(length)`` (equal shares, tail dropped)."""
+    sampler = DistributedSampler(range(length), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)  # fmt: skip
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
 def epoch_loader(
     dataset: SeededPretrainSamples,
     batch_size: int,
@@ -83,9 +91,7 @@ def epoch_loader(
         pin_memory: pin host memory for faster GPU copies.
     """
     dataset.epoch = epoch
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    indices = list(sampler)[skip_batches * batch_size :]
+    indices = epoch_order(len(dataset), epoch, rank=rank, world_size=world_size, seed=seed)[skip_batches * batch_size :]
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 
 from mpp.masking import make_noise
-from mpp.sampling import mix_seed
+from mpp.sampling import epoch_order, mix_seed
 
 NOISE_SALT = 0x5DEECE66D  # the per-image path's mask generator seed is sample_seed ^ this
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
@@ -161,9 +160,6 @@ def memory_epoch_batches(
     skip_batches: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """This process's full batches of one epoch, in :func:`mpp.sampling.epoch_loader`'s order."""
-    sampler = DistributedSampler(range(len(samples)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)  # fmt: skip
-    sampler.set_epoch(epoch)
-    order = list(sampler)
+    order = epoch_order(len(samples), epoch, rank=rank, world_size=world_size, seed=seed)
     for start in range(skip_batches * batch_size, len(order) - batch_size + 1, batch_size):
         yield samples.batch(order[start : start + batch_size], epoch)

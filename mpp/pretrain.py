@@ -141,8 +141,7 @@ def build_data(config: PretrainConfig, model: MaskedAutoencoder) -> PretrainData
         source = make_dataset(config, None, in_chans, img_size)
         images, labels = decode_all(source, model.img_size)
         samples: Any = MemoryPretrainSamples(images, labels, model.grid_size, model.mask_ratio, model.mask_type,
-                                             config.seed, scale, config.data.hflip, mean, std)  # fmt: skip
-        samples.base = source  # for the skipped-files log
+                                             config.seed, scale, config.data.hflip, mean, std, base=source)  # fmt: skip
     else:
         train_tf = pretrain_transform(model.img_size, mean, std, scale=scale, hflip=config.data.hflip)
         samples = SeededPretrainSamples(make_dataset(config, train_tf, in_chans, img_size), model.grid_size,
@@ -262,7 +261,7 @@ def run(config: PretrainConfig) -> Path:
                             pin_memory=accelerator.device.type == "cuda")  # fmt: skip
 
     if config.compile or (config.compile is None and accelerator.device.type == "cuda"):
-        first = next(iter(loader_for(state.epoch, state.batch_in_epoch)))
+        first = next(iter(loader_for(state.epoch, 0)))  # any full batch will do; an epoch's first always exists
 
         def trial(m: torch.nn.Module) -> torch.Tensor:
             with accelerator.autocast():  # the precision the steps will run in, so the graph is reused

@@ -132,7 +132,9 @@ class MemoryPretrainSamples:
         hflip: bool,
         mean: Sequence[float],
         std: Sequence[float],
+        base: Any = None,
     ) -> None:
+        self.base = base  # the dataset the images came from (its skipped-files record)
         self.images, self.labels = images, labels
         self.grid_size, self.mask_ratio, self.mask_type = grid_size, mask_ratio, mask_type
         self.seed, self.scale, self.hflip = seed, scale, hflip

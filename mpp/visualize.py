@@ -37,7 +37,7 @@ from mpp.models.mae import MaskedAutoencoder
 from mpp.models.vit import ViTEncoder
 from mpp.pos_embed import sincos_2d
 from mpp.runtime import atomic_write_text, one_line
-from mpp.viz import reconstruct
+from mpp.viz import display_images, reconstruct
 
 HELD_OUT_SPLITS = {"fashion-mnist": "test", "synthetic": "val"}
 
@@ -161,11 +161,10 @@ def draw_reconstructions(out: Path, model: MaskedAutoencoder, imgs: torch.Tensor
     return pictures
 
 
-def draw_large_reconstruction(out: Path, model: MaskedAutoencoder, imgs: torch.Tensor, mean: list[float],
-                              std: list[float], settings: Settings, size: int) -> Picture:  # fmt: skip
-    """A reconstruction at ``size`` px: encoder and decoder position tables moved to the larger grid."""
-    large = copy.deepcopy(model)
-    large.set_grid(size)
+def draw_large_reconstruction(out: Path, model: MaskedAutoencoder, large: MaskedAutoencoder, imgs: torch.Tensor,
+                              mean: list[float], std: list[float], settings: Settings) -> Picture:  # fmt: skip
+    """A reconstruction by ``large`` (``model`` with its encoder and decoder tables moved to a larger grid)."""
+    size = large.img_size[0]
     ratio = settings.mask_ratios[len(settings.mask_ratios) // 2]
     noise = mask_noise("random", imgs.shape[0], large, ratio, settings.seed)
     rec = reconstruct(large, imgs, mean, std, noise=noise, mask_ratio=ratio)
@@ -197,7 +196,7 @@ def draw_attention(out: Path, model: ViTEncoder, imgs: torch.Tensor, display: to
     return Picture("attention.png", "Attention", caption)
 
 
-def draw_positions(out: Path, model: ViTEncoder, size: int) -> list[Picture]:
+def draw_positions(out: Path, model: ViTEncoder, resized: ViTEncoder) -> list[Picture]:
     """Position-embedding similarity at the trained grid, after a resize, and the sin-cos table for comparison."""
     prefix = model.num_prefix_tokens
     h, w = model.grid_size
@@ -208,9 +207,7 @@ def draw_positions(out: Path, model: ViTEncoder, size: int) -> list[Picture]:
         f"The encoder's {kind} position table ({h}x{w} patches): the small map at row i, column j shows the cosine "
         f"similarity of patch (i, j)'s embedding to every patch's. A table that encodes the 2D grid peaks at the "
         f"patch itself and stays high along its row and column."))]  # fmt: skip
-    resized = copy.deepcopy(model)
-    resized.set_grid(size)
-    rh, rw = resized.grid_size
+    size, (rh, rw) = resized.img_size[0], resized.grid_size
     sim = explain.position_similarity(resized.pos_embed.detach(), prefix, resized.grid_size)
     figures.position_figure(out / "pos_embed_resized.png", sim, f"after resizing to {rh}x{rw}")
     how = "2D bicubic interpolation" if model.pos_embed_type == "learned" else "recomputing the sin-cos code"
@@ -288,26 +285,25 @@ def run(settings: Settings) -> Path:
     else:
         imgs, what = run_data_images(Path(settings.source), model.in_chans, transform, settings.num_images,
                                      settings.seed)  # fmt: skip
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     size = settings.large_size or 2 * max(model.img_size)
     if size % model.patch_size:
         raise ValueError(f"--large-size {size} is not a multiple of the patch size {model.patch_size}")
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    display = (imgs * s + m).clamp(0, 1)
-    display = display[:, :3] if display.shape[1] > 3 else display[:, :1] if display.shape[1] == 2 else display
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    display = display_images(imgs, mean, std)
+    resized = copy.deepcopy(model)  # the same weights at ``size`` px, for the large reconstruction and the tables
+    resized.set_grid(size)
 
     pictures: list[Picture] = []
     if isinstance(model, MaskedAutoencoder):
         pictures += draw_reconstructions(out, model, imgs, mean, std, settings)
         large_imgs = load_images(files, model.in_chans, eval_transform(size, mean, std)) if settings.images else \
             torch.nn.functional.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False)  # fmt: skip
-        pictures.append(draw_large_reconstruction(out, model, large_imgs, mean, std, settings, size))
+        pictures.append(draw_large_reconstruction(out, model, resized, large_imgs, mean, std, settings))
     else:
         notes.append("no decoder in this checkpoint: reconstructions skipped (give a run directory or a *_full file)")
     pictures.append(draw_attention(out, model, imgs, display))
-    pictures += draw_positions(out, model, size)
+    pictures += draw_positions(out, model, resized)
     pictures.append(draw_pca(out, model, imgs, display))
     facts = [f"source: {settings.source} ({info.format} format)", f"encoder: {describe(model)}",
              f"images: {what}", f"normalisation mean {mean}, std {std}"] + notes  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,16 @@ class Reconstruction:
     loss: float
 
 
+def display_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised images ``[N, C, H, W]`` back to ``[0, 1]`` on the CPU; multispectral keeps its first three bands."""
+    m = torch.tensor(list(mean), device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    x = (x * s + m).clamp(0, 1)
+    if x.shape[1] not in (1, 3):
+        x = x[:, :3] if x.shape[1] > 3 else x[:, :1]
+    return x.cpu()
+
+
 @torch.no_grad()
 def reconstruct(
     model: MaskedAutoencoder,
@@ -61,14 +72,9 @@ def reconstruct(
     pred = out.pred.float()
     patch_mask = out.mask.unsqueeze(-1).expand(-1, -1, model.patch_size**2 * model.in_chans)
     pixel_mask = unpatchify(patch_mask, model.patch_size, model.grid_size, model.in_chans)  # 1 = removed
-    m = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
 
     def to_display(x: torch.Tensor) -> torch.Tensor:
-        x = (x * s + m).clamp(0, 1)
-        if x.shape[1] not in (1, 3):  # multispectral: show the first three bands
-            x = x[:, :3] if x.shape[1] > 3 else x[:, :1]
-        return x.cpu()
+        return display_images(x, mean, std)
 
     original = to_display(imgs)
     display_mask = pixel_mask[:, : original.shape[1]].cpu()

@@ -6,12 +6,13 @@ the byte size of an ImageNet JPEG, which is what decoding time follows). Then, w
 the figure is per core), it times each pipeline over the folder and reports images/s:
 
 - ``pil``: PIL decode + mpp's pretraining transform (RandomResizedCrop 224 scale 0.2-1 bicubic, flip, normalise):
-  what a DataLoader worker of ``data.source=folder`` does per image;
+  what a DataLoader worker of ``data.source=folder`` did per image before TorchCodec;
 - ``pil_draft``: the same after PIL's JPEG draft mode, which decodes at 1/2, 1/4 or 1/8 scale in the DCT domain while
   keeping both sides >= 224 (faster, but a small crop then has fewer source pixels: not what mpp does today);
-- ``torchvision``: ``torchvision.io.decode_jpeg`` on the CPU + the same transform on the uint8 tensor;
-- ``cuda_batch`` (only with a GPU): ``decode_jpeg(device="cuda")`` on a list of files at once + the transform on the
-  GPU, images/s of the whole GPU (not per core).
+- ``mpp``: :func:`mpp.data.images.decode_bytes` (TorchCodec's ``decode_jpeg``, the same pixels as PIL) + the same
+  transform on the uint8 tensor: what ``data.source=folder`` and ``shards`` workers do now;
+- ``cuda_batch`` (only with a GPU): TorchCodec ``decode_jpeg(device="cuda")`` on a list of files at once (one nvJPEG
+  call) + the transform on the GPU, images/s of the whole GPU (not per core).
 
     .venv/bin/python benchmarks/bench_jpeg_decode.py [--images 200] [--out benchmarks/results/jpeg_decode.json]
 """
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 from machine import machine_facts, write_report
 from PIL import Image, ImageDraw
-from torchvision.io import decode_jpeg, read_file
+from torchcodec.decoders import decode_jpeg
 
+from mpp.data.images import decode_bytes
 from mpp.data.transforms import pretrain_transform
 
 SIZE = (500, 375)
@@ -92,14 +94,14 @@ def main() -> None:
                 img.draft("RGB", (224, 224))  # DCT-domain downscale by 1/2, 1/4 or 1/8 while keeping >= 224
                 return transform(img.convert("RGB"))
 
-        def tv(path: Path) -> torch.Tensor:
-            return transform(decode_jpeg(read_file(str(path))))
+        def ours(path: Path) -> torch.Tensor:
+            return transform(decode_bytes(path.read_bytes(), 3))
 
-        for name, fn in (("pil", pil), ("pil_draft", pil_draft), ("torchvision", tv)):
+        for name, fn in (("pil", pil), ("pil_draft", pil_draft), ("mpp", ours)):
             results[name] = time_pipeline(paths, fn)
             print(f"{name}: {results[name]:.1f} images/s per core", flush=True)
         if torch.cuda.is_available():
-            datas = [read_file(str(p)) for p in paths]
+            datas = [p.read_bytes() for p in paths]
             gpu_tf = pretrain_transform(224, MEAN, STD)
 
             def cuda_batch() -> None:

@@ -1,108 +1,214 @@
-"""Pretraining step speed: mpp's MAE against Hugging Face's ViTMAEForPreTraining, same weights, same batch.
+"""Pretraining step speed: mpp's MAE against the official MAE code and Hugging Face's ViTMAEForPreTraining.
 
-Each case times forward + backward + AdamW step, interleaving the two models so machine noise hits both alike, and
-reports the median and the mpp/HF speed ratio. Also checks the two losses agree on the timed batch (same noise).
+All three hold the same weights (every tensor copied from mpp, position tables included), see the same batch and the
+same mask, and are timed on forward + backward + AdamW step, interleaved so machine noise hits all alike. Reports the
+median step, images/s, the speed ratios and the loss of each on the timed batch (they must agree).
 
-    .venv/bin/python benchmarks/bench_pretrain_step.py [--quick] [--out benchmarks/results/pretrain_step.json]
+The official code is not vendored: ``--official DIR`` points at a checkout of facebookresearch/mae. Its
+``models_mae.py`` and ``util/pos_embed.py`` are loaded with two textual fixes for current libraries (printed when
+applied): ``qk_scale=None, `` removed from the ``Block`` calls (timm dropped the argument) and ``np.float`` read as
+``np.float64`` (numpy removed the alias). Without ``--official`` that column is skipped with a note. The official
+``patchify`` hard-codes 3 channels, so its column is n/a on 1-channel cases.
+
+On CUDA the step runs under bf16 autocast (the GPU default); on the CPU in fp32.
+
+    .venv/bin/python benchmarks/bench_pretrain_step.py [--official ~/src/mae] [--cases vit_tiny_32px,vit_base_224px]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import contextlib
+import importlib.util
 import statistics
+import sys
 import time
+import types
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import transformers
+from machine import machine_facts, write_report
 
 import mpp
 from mpp.formats.hf import hf_config_kwargs, mpp_to_hf
 
 CASES = {
     # name: (variant, overrides, batch)
+    "micro_16px": ("mae_vit_micro_patch4", {"img_size": 16, "in_chans": 3}, 8),  # for the test of this script
     "tiny_fmnist_28px": ("mae_vit_tiny_patch4", {}, 128),
-    "small_fmnist_28px": ("mae_vit_small_patch4", {}, 128),
+    "vit_tiny_32px": ("mae_vit_tiny_patch4", {"img_size": 32, "in_chans": 3}, 256),
     "vit_base_224px": ("mae_vit_base_patch16", {}, 8),
 }
+DEFAULT_CASES = ("tiny_fmnist_28px", "vit_tiny_32px", "vit_base_224px")
+# The two textual fixes the official code needs on current timm and numpy (file, old, new).
+OFFICIAL_FIXES = (
+    ("models_mae.py", "qk_scale=None, ", ""),
+    ("util/pos_embed.py", "dtype=np.float)", "dtype=np.float64)"),
+)
+
+Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def build_pair(variant: str, overrides: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
-    torch.manual_seed(0)
-    ours = mpp.create_model(variant, norm_pix_loss=True, **overrides)
+def load_official(directory: Path) -> types.ModuleType:
+    """facebookresearch/mae's ``models_mae`` module from a checkout, with :data:`OFFICIAL_FIXES` applied in memory."""
+    sources = {}
+    for rel, old, new in OFFICIAL_FIXES:
+        path = directory / rel
+        if not path.is_file():
+            raise SystemExit(f"--official {directory}: {rel} not found (expected a facebookresearch/mae checkout)")
+        text = sources.get(rel, path.read_text())
+        if old in text:
+            print(f"official code: {rel}: replaced {old!r} with {new!r}")
+        sources[rel] = text.replace(old, new)
+    util = types.ModuleType("util")
+    util.__path__ = []  # a package, so `from util.pos_embed import ...` resolves to the module below
+    pos_embed = types.ModuleType("util.pos_embed")
+    exec(compile(sources["util/pos_embed.py"], str(directory / "util/pos_embed.py"), "exec"), pos_embed.__dict__)
+    saved = {name: sys.modules.get(name) for name in ("util", "util.pos_embed")}
+    sys.modules.update({"util": util, "util.pos_embed": pos_embed})
+    try:
+        spec = importlib.util.spec_from_loader("official_models_mae", loader=None)
+        module = importlib.util.module_from_spec(spec)
+        exec(compile(sources["models_mae.py"], str(directory / "models_mae.py"), "exec"), module.__dict__)
+    finally:
+        for name, old_module in saved.items():
+            if old_module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old_module
+    return module
+
+
+def build_official(module: types.ModuleType, ours: torch.nn.Module) -> torch.nn.Module:
+    """The official ``MaskedAutoencoderViT`` of ``ours``'s shape, holding ``ours``'s weights (names are the same)."""
+    dec = ours.decoder_blocks[0]
+    theirs = module.MaskedAutoencoderViT(
+        img_size=ours.img_size[0], patch_size=ours.patch_size, in_chans=ours.in_chans, embed_dim=ours.embed_dim,
+        depth=len(ours.blocks), num_heads=ours.blocks[0].attn.num_heads, decoder_embed_dim=ours.decoder_embed_dim,
+        decoder_depth=len(ours.decoder_blocks), decoder_num_heads=dec.attn.num_heads,
+        mlp_ratio=ours.blocks[0].mlp.fc1.out_features / ours.embed_dim,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), norm_pix_loss=ours.norm_pix_loss,
+    )  # fmt: skip
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return theirs
+
+
+def build_hf(ours: torch.nn.Module) -> torch.nn.Module:
     config = transformers.ViTMAEConfig(**hf_config_kwargs(ours), hidden_dropout_prob=0.0,
                                        attention_probs_dropout_prob=0.0)  # fmt: skip
     theirs = transformers.ViTMAEForPreTraining(config)
     theirs.load_state_dict(mpp_to_hf(ours.state_dict()))  # all tensors, position tables included
-    return ours, theirs
+    return theirs
 
 
-def time_steps(model, imgs, noise, call, repeats: int) -> list[float]:
+# Each call draws its mask noise from the same seed: the official model draws `torch.rand(N, L)` itself, first thing
+# in its forward that uses the generator, so seeding before the call hands all three the same mask.
+def step_mpp(m: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(int(seed))
+    return m(x, noise=torch.rand(x.shape[0], m.num_patches, device=x.device)).loss
+
+
+def step_official(m: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(int(seed))
+    return m(x, mask_ratio=0.75)[0]
+
+
+def make_step_hf(num_patches: int) -> Step:
+    def step_hf(m: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(int(seed))
+        return m(pixel_values=x, noise=torch.rand(x.shape[0], num_patches, device=x.device)).loss
+
+    return step_hf
+
+
+def time_steps(model: torch.nn.Module, imgs: torch.Tensor, call: Step, repeats: int, autocast: bool) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+    sync = torch.cuda.synchronize if imgs.is_cuda else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
-        loss = call(model, imgs, noise)
+        ctx = torch.autocast(imgs.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            loss = call(model, imgs, torch.tensor(1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
 
-def run_case(name: str, variant: str, overrides: dict, batch: int, repeats: int) -> dict:
-    ours, theirs = build_pair(variant, overrides)
-    imgs = torch.randn(batch, ours.in_chans, *ours.img_size)
-    noise = torch.rand(batch, ours.num_patches)
+def run_case(name: str, variant: str, overrides: dict, batch: int, repeats: int, official: types.ModuleType | None,
+             device: torch.device) -> dict:  # fmt: skip
+    torch.manual_seed(0)
+    ours = mpp.create_model(variant, norm_pix_loss=True, **overrides)
+    models: dict[str, tuple[torch.nn.Module, Step]] = {"mpp": (ours, step_mpp)}
+    notes = []
+    if official is None:
+        notes.append("official: skipped (no --official DIR)")
+    elif ours.in_chans != 3:
+        notes.append("official: n/a (its patchify hard-codes 3 channels)")
+    else:
+        models["official"] = (build_official(official, ours), step_official)
+    models["hf"] = (build_hf(ours), make_step_hf(ours.num_patches))
+    models = {k: (m.to(device), call) for k, (m, call) in models.items()}
+    imgs = torch.randn(batch, ours.in_chans, *ours.img_size, device=device)
+    autocast = device.type == "cuda"
     with torch.no_grad():
-        loss_ours = ours(imgs, noise=noise).loss.item()
-        loss_theirs = theirs(pixel_values=imgs, noise=noise).loss.item()
-
-    def call_ours(m, x, n):
-        return m(x, noise=n).loss
-
-    def call_theirs(m, x, n):
-        return m(pixel_values=x, noise=n).loss
-
-    for model, call in ((ours, call_ours), (theirs, call_theirs)):  # warm-up
-        time_steps(model, imgs, noise, call, 2)
-    t_ours, t_theirs = [], []
+        losses = {k: call(m, imgs, torch.tensor(1)).item() for k, (m, call) in models.items()}
+    for m, call in models.values():  # warm-up
+        time_steps(m, imgs, call, 2, autocast)
+    times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(repeats):  # interleaved
-        t_ours += time_steps(ours, imgs, noise, call_ours, 1)
-        t_theirs += time_steps(theirs, imgs, noise, call_theirs, 1)
-    med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+        for k, (m, call) in models.items():
+            times[k] += time_steps(m, imgs, call, 1, autocast)
+    median = {k: statistics.median(t) for k, t in times.items()}
     return {
-        "case": name, "variant": variant, "batch": batch, "repeats": repeats,
-        "mpp_step_s": med_ours, "hf_step_s": med_theirs,
-        "mpp_images_per_s": batch / med_ours, "hf_images_per_s": batch / med_theirs,
-        "speed_ratio_mpp_over_hf": med_theirs / med_ours,
-        "loss_mpp": loss_ours, "loss_hf": loss_theirs, "loss_abs_diff": abs(loss_ours - loss_theirs),
+        "case": name, "variant": variant, "overrides": overrides, "batch": batch, "repeats": repeats,
+        "precision": "bf16" if autocast else "fp32", "notes": notes,
+        "step_s": median, "images_per_s": {k: batch / t for k, t in median.items()},
+        "speed_mpp_over": {k: median[k] / median["mpp"] for k in median if k != "mpp"},
+        "loss": losses, "loss_max_abs_diff": max(abs(v - losses["mpp"]) for v in losses.values()),
     }  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny case only, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", default="benchmarks/results/pretrain_step.json")
-    args = parser.parse_args()
-    cases = {"tiny_fmnist_28px": CASES["tiny_fmnist_28px"]} if args.quick else CASES
-    repeats = 3 if args.quick else args.repeats
-    rows = [run_case(name, *spec, repeats=repeats) for name, spec in cases.items()]
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "mpp": mpp.__version__,
-           "device": "cpu", "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine()}  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "results": rows}, indent=2) + "\n")
-    print(f"env: {env}")
-    print("| case | batch | mpp img/s | HF img/s | mpp / HF speed | loss diff |")
-    print("| --- | --- | --- | --- | --- | --- |")
+def table(rows: list[dict]) -> str:
+    head = "| case | batch | precision | mpp img/s | official img/s | HF img/s | mpp / official | mpp / HF | loss diff"
+    lines = [head + " |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        print(f"| {r['case']} | {r['batch']} | {r['mpp_images_per_s']:.1f} | {r['hf_images_per_s']:.1f} | "
-              f"{r['speed_ratio_mpp_over_hf']:.2f}x | {r['loss_abs_diff']:.1e} |")  # fmt: skip
+        ips, ratio = r["images_per_s"], r["speed_mpp_over"]
+        off = f"{ips['official']:.1f}" if "official" in ips else "n/a"
+        off_ratio = f"**{ratio['official']:.2f}x**" if "official" in ratio else "n/a"
+        lines.append(f"| {r['case']} | {r['batch']} | {r['precision']} | {ips['mpp']:.1f} | {off} | {ips['hf']:.1f} | "
+                     f"{off_ratio} | {ratio['hf']:.2f}x | {r['loss_max_abs_diff']:.1e} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official", type=Path, help="a checkout of facebookresearch/mae (column skipped without)")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from {sorted(CASES)}")
+    parser.add_argument("--quick", action="store_true", help="tiny cases only, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="benchmarks/results/pretrain_step.json")
+    args = parser.parse_args(argv)
+    names = args.cases.split(",") if not args.quick else ["tiny_fmnist_28px", "vit_tiny_32px"]
+    if unknown := [n for n in names if n not in CASES]:
+        raise SystemExit(f"--cases: unknown {unknown}; known: {sorted(CASES)}")
+    official = load_official(args.official.expanduser()) if args.official else None
+    if official is None:
+        print("note: no --official DIR given: the official MAE column is skipped")
+    repeats = 3 if args.quick else args.repeats
+    rows = [run_case(n, *CASES[n], repeats=repeats, official=official, device=torch.device(args.device)) for n in names]
+    env = {**machine_facts(), "transformers": transformers.__version__, "mpp": mpp.__version__, "device": args.device}
+    out = write_report(args.out, {"env": env, "results": rows})
+    print(f"env: {env}")
+    print(table(rows))
     print(f"wrote {out}")
 
 

@@ -37,6 +37,8 @@ class SourceConfig:
     mean: list[float] | None = None  # None: the source's defaults (evaluation: the encoder's recorded statistics)
     std: list[float] | None = None
     num_workers: int = 2
+    persistent_workers: bool = True  # loader workers start once per run, not once per epoch
+    prefetch_factor: int = 2  # batches each worker prepares ahead
     synthetic_size: int = 512
     synthetic_classes: int = 4
 
@@ -332,6 +334,7 @@ def check_source(d: SourceConfig) -> None:
     _check(d.source not in ("folder", "shards", "hf") or bool(d.path), "data.path", d.path,
            f"is required for source {d.source}")  # fmt: skip
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "must be >= 1")
     if (d.mean is None) != (d.std is None):
         raise ConfigError("data.mean and data.std must be given together")
     if d.std is not None:

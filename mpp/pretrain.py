@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from mpp.monitor import KnnMonitor, MonitorRun, previous_random_reading
 from mpp.optim import pretrain_optimizer
 from mpp.runinfo import settings_to_resume, write_config
 from mpp.runtime import check_output_dir, compile_model, make_accelerator, seed_everything
-from mpp.sampling import SeededPretrainSamples, epoch_loader
+from mpp.sampling import EpochLoader, SeededPretrainSamples
 from mpp.viz import save_reconstruction_grid
 from mpp.weights import save_encoder, save_mae
 
@@ -251,14 +251,18 @@ def run(config: PretrainConfig) -> Path:
         device = accelerator.device
         return m(imgs.to(device, non_blocking=True), noise=noise.to(device, non_blocking=True)).loss
 
-    def loader_for(epoch: int, skip: int) -> Any:
-        if data.in_memory:
+    loader_for: Callable[[int, int], Iterable[Any]]
+    if data.in_memory:
+
+        def loader_for(epoch: int, skip: int) -> Iterable[Any]:
             return memory_epoch_batches(data.samples, schedule.batch_size, epoch, rank=accelerator.process_index,
                                         world_size=schedule.world, seed=config.seed, skip_batches=skip)  # fmt: skip
-        return epoch_loader(data.samples, schedule.batch_size, epoch, rank=accelerator.process_index,
-                            world_size=schedule.world, seed=config.seed, skip_batches=skip,
-                            num_workers=config.data.num_workers,
-                            pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    else:
+        loader_for = EpochLoader(data.samples, schedule.batch_size, rank=accelerator.process_index,
+                                 world_size=schedule.world, seed=config.seed, num_workers=config.data.num_workers,
+                                 pin_memory=accelerator.device.type == "cuda",
+                                 persistent_workers=config.data.persistent_workers,
+                                 prefetch_factor=config.data.prefetch_factor)  # fmt: skip
 
     if config.compile or (config.compile is None and accelerator.device.type == "cuda"):
         first = next(iter(loader_for(state.epoch, 0)))  # any full batch will do; an epoch's first always exists

@@ -6,8 +6,10 @@ exactly the samples, augmentations and masks of a 1-process run with twice the p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mpp.masking import make_noise
 
@@ -23,11 +25,17 @@ def mix_seed(*parts: int) -> int:
     return x & _MASK64
 
 
+def split_key(key: int | tuple[int, int], epoch: int) -> tuple[int, int]:
+    """``(epoch, index)`` from a seeded dataset's key: an :class:`EpochSampler` pair, or a bare index in ``epoch``."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (epoch, int(key))
+
+
 class SeededPretrainSamples(Dataset):
     """Wrap a dataset whose items are ``(image, label)`` so each item also carries its mask noise.
 
     Augmentation randomness (torch's global RNG inside the transform) and the mask are seeded from
-    ``(seed, epoch, index)``. Set :attr:`epoch` before building each epoch's loader.
+    ``(seed, epoch, index)``. Keys are ``(epoch, index)`` pairs (:class:`EpochSampler`) or bare indices into
+    :attr:`epoch`.
 
     Items: ``(image [C, H, W], noise [L], label)``.
     """
@@ -45,8 +53,9 @@ class SeededPretrainSamples(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        sample_seed = mix_seed(self.seed, self.epoch, index)
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        epoch, index = split_key(key, self.epoch)
+        sample_seed = mix_seed(self.seed, epoch, index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             image, label = self.base[index]
@@ -65,8 +74,74 @@ def epoch_order(length: int, epoch: int, *, rank: int = 0, world_size: int = 1, 
     return list(sampler)
 
 
+class EpochSampler(Sampler[tuple[int, int]]):
+    """This process's ``(epoch, index)`` keys for one epoch; :attr:`epoch` and :attr:`skip` are set before each.
+
+    The keys carry the epoch to the dataset, so loader workers that outlive an epoch (``persistent_workers``) still
+    augment and mask each sample for the right epoch: a sampler runs in the main process, worker copies of the dataset
+    do not see attributes set after they started.
+    """
+
+    def __init__(self, length: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        self.length, self.batch_size = length, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+        self.skip = 0  # batches of :attr:`epoch` already consumed (resume mid-epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = epoch_order(self.length, self.epoch, rank=self.rank, world_size=self.world_size, seed=self.seed)
+        return ((self.epoch, i) for i in order[self.skip * self.batch_size :])
+
+    def __len__(self) -> int:
+        return max(0, self.length // self.world_size - self.skip * self.batch_size)
+
+
+class EpochLoader:
+    """One process's loader for every epoch: a seeded permutation split across processes, full batches only.
+
+    Call it as ``loader(epoch, skip_batches)`` for the rest of that epoch. One ``DataLoader`` serves all epochs, so
+    its worker processes start once (``persistent_workers``) instead of once per epoch, and keep ``prefetch_factor``
+    batches each in flight across the epoch boundary. The dataset must accept ``(epoch, index)`` keys
+    (:class:`SeededPretrainSamples`, :class:`mpp.stage.SeededItems`).
+
+    Args:
+        dataset: the seeded dataset.
+        batch_size: per-process batch.
+        rank: this process's index.
+        world_size: number of processes.
+        seed: shuffle seed.
+        num_workers: loader worker processes (0: load in this process).
+        pin_memory: pin host memory for faster GPU copies.
+        persistent_workers: keep the workers between epochs (only with workers).
+        prefetch_factor: batches each worker prepares ahead (only with workers).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+    ) -> None:
+        self.sampler = EpochSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed)  # type: ignore[arg-type]
+        workers = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if num_workers else {}
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+                                 num_workers=num_workers, pin_memory=pin_memory, **workers)  # fmt: skip
+
+    def __call__(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+        """The loader positioned at batch ``skip_batches`` of ``epoch`` (read when it is iterated)."""
+        self.sampler.epoch, self.sampler.skip = epoch, skip_batches
+        return self.loader
+
+
 def epoch_loader(
-    dataset: SeededPretrainSamples,
+    dataset: Dataset,
     batch_size: int,
     epoch: int,
     *,
@@ -77,30 +152,10 @@ def epoch_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """This process's loader for one epoch: a seeded permutation split across processes, full batches only.
-
-    Args:
-        dataset: the seeded wrapper (its ``epoch`` is set here).
-        batch_size: per-process batch.
-        epoch: epoch number (reshuffles the order).
-        rank: this process's index.
-        world_size: number of processes.
-        seed: shuffle seed.
-        skip_batches: batches of this epoch already consumed (resume mid-epoch).
-        num_workers: loader worker processes.
-        pin_memory: pin host memory for faster GPU copies.
-    """
-    dataset.epoch = epoch
-    indices = epoch_order(len(dataset), epoch, rank=rank, world_size=world_size, seed=seed)[skip_batches * batch_size :]
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=indices,
-        drop_last=True,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
+    """A loader for one epoch only (workers not kept): :class:`EpochLoader` called once. Same arguments."""
+    loader = EpochLoader(dataset, batch_size, rank=rank, world_size=world_size, seed=seed, num_workers=num_workers,
+                         pin_memory=pin_memory, persistent_workers=False)  # fmt: skip
+    return loader(epoch, skip_batches)
 
 
 def batches_per_epoch(dataset_len: int, batch_size: int, world_size: int) -> int:

@@ -44,7 +44,7 @@ from mpp.labels import LabelBudgetError, label_subset
 from mpp.models.vit import ViTEncoder
 from mpp.runinfo import settings_to_resume, write_config
 from mpp.runtime import check_output_dir, make_accelerator
-from mpp.sampling import epoch_loader, mix_seed
+from mpp.sampling import EpochLoader, mix_seed, split_key
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -203,7 +203,7 @@ class SeededItems(Dataset):
 
     torch's, Python's and numpy's generators (timm's RandAugment and random erasing use the latter two) are seeded per
     item and restored after, so an image's augmentation does not depend on the worker or process that loads it.
-    Set :attr:`epoch` before each epoch (:func:`mpp.sampling.epoch_loader` does).
+    Keys are ``(epoch, index)`` pairs (:class:`mpp.sampling.EpochSampler`) or bare indices into :attr:`epoch`.
     """
 
     def __init__(self, base: Dataset, seed: int = 0) -> None:
@@ -214,8 +214,9 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> Any:
-        sample_seed = mix_seed(self.seed, self.epoch, index)
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        epoch, index = split_key(key, self.epoch)
+        sample_seed = mix_seed(self.seed, epoch, index)
         state, np_state = random.getstate(), np.random.get_state()
         try:
             random.seed(sample_seed)
@@ -293,10 +294,10 @@ def train_stage(
     workers = loader_workers(config.data.num_workers,
                              schedule.micro_batches_per_epoch * schedule.batch_size * schedule.world)  # fmt: skip
 
-    def loader_for(epoch: int, skip: int) -> Any:
-        return epoch_loader(train, schedule.batch_size, epoch, rank=accelerator.process_index,
-                            world_size=schedule.world, seed=config.seed, skip_batches=skip, num_workers=workers,
-                            pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    loader_for = EpochLoader(train, schedule.batch_size, rank=accelerator.process_index, world_size=schedule.world,
+                             seed=config.seed, num_workers=workers, pin_memory=accelerator.device.type == "cuda",
+                             persistent_workers=config.data.persistent_workers,
+                             prefetch_factor=config.data.prefetch_factor)  # fmt: skip
 
     log = RunLog(accelerator, run_dir, stage)
     checkpointer = None

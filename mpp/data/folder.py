@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mpp.data.base import ImageDataset
-from mpp.data.images import IMAGE_EXTENSIONS, convert_channels, count_channels
+from mpp.data.images import IMAGE_EXTENSIONS, count_channels, decode_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -131,5 +131,4 @@ class ImageFolder(ImageDataset):
 
     def load(self, index: int) -> Image.Image | torch.Tensor:
         """Decode and convert the file of item ``index`` (raises on a broken file)."""
-        with Image.open(self.paths[index]) as img:
-            return convert_channels(img, self.in_chans)
+        return decode_bytes(self.paths[index].read_bytes(), self.in_chans)

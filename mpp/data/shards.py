@@ -14,7 +14,6 @@ reasons in ``OUT/skipped_files.txt``), so reading needs no check.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -27,7 +26,7 @@ from PIL import Image
 
 from mpp.data.base import ImageDataset, skip_line
 from mpp.data.folder import ImageFolder
-from mpp.data.images import convert_channels
+from mpp.data.images import decode_bytes
 from mpp.runtime import atomic_write_text
 
 INDEX = "index.json"
@@ -137,9 +136,7 @@ class TarShards(ImageDataset):
         if handle is None:
             handle = self._handles[shard] = open(self.root / self.files[shard], "rb")  # noqa: SIM115 (kept open)
         handle.seek(offset)
-        data = handle.read(size)
-        with Image.open(io.BytesIO(data)) as img:
-            return convert_channels(img, self.in_chans)
+        return decode_bytes(handle.read(size), self.in_chans)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -130,6 +130,7 @@ class PretrainConfig:
     mixed_precision: str = "auto"
     compile: bool | None = None  # torch.compile the model; None: on with CUDA (a failure falls back with a note)
     compile_backend: str = "inductor"
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (mpp.fsdp)
     cpu: bool = False
     log_every: int = 10
     checkpoint_every_steps: int | None = None

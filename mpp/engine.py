@@ -284,7 +284,8 @@ class Checkpointer:
     """Saves the run at epoch ends (every ``every_epochs``, and the last) and every ``every_steps`` steps.
 
     ``extra_state`` adds tensors to the optimizer file (an EMA model, the AMP scaler); only the main process writes,
-    everyone waits for it.
+    everyone waits for it. ``full_state(model, optimizer) -> (model state, optimizer state)`` replaces reading them
+    on the main process, for state spread over the processes (FSDP); every process calls it.
     """
 
     def __init__(
@@ -295,8 +296,11 @@ class Checkpointer:
         every_steps: int = 0,
         every_epochs: int = 1,
         extra_state: Callable[[], dict[str, Any]] | None = None,
+        full_state: Callable[[torch.nn.Module, torch.optim.Optimizer], tuple[dict[str, Any], dict[str, Any]]]
+        | None = None,
     ) -> None:
         self.accelerator = accelerator
+        self.full_state = full_state
         self.run_dir = Path(run_dir)
         self.keep = keep
         self.every_steps = every_steps
@@ -313,14 +317,17 @@ class Checkpointer:
         if state.to_dict() == self.last_saved:
             return None
         self.last_saved = state.to_dict()
+        gathered = self.full_state(model, optimizer) if self.full_state is not None else None
         if self.accelerator.is_main_process:
-            opt_state: dict[str, Any] = {"optimizer": optimizer.state_dict()}
+            if gathered is None:
+                gathered = self.accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
+            model_state, optimizer_state = gathered
+            opt_state: dict[str, Any] = {"optimizer": optimizer_state}
             if self.accelerator.scaler is not None:
                 opt_state["scaler"] = self.accelerator.scaler.state_dict()
             if self.extra_state is not None:
                 opt_state.update(self.extra_state())
-            raw = self.accelerator.unwrap_model(model)
-            path = save_checkpoint(self.run_dir, state.step, raw.state_dict(), opt_state, state.to_dict(), self.keep)
+            path = save_checkpoint(self.run_dir, state.step, model_state, opt_state, state.to_dict(), self.keep)
         self.accelerator.wait_for_everyone()
         return path
 

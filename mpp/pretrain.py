@@ -10,6 +10,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import Subset
 
+from mpp.checkpoint import Checkpoint
 from mpp.commands import run_command
 from mpp.config import ConfigError, PretrainConfig, build_config, model_overrides, to_dict
 from mpp.data import build_dataset, default_stats
@@ -40,6 +42,7 @@ from mpp.engine import (
     restore_scaler,
     resume_state,
 )
+from mpp.fsdp import PlainCopy, full_model_state, full_optimizer_state, load_full_optimizer_state, shard_model
 from mpp.masking import num_kept
 from mpp.models import MaskedAutoencoder, create_model
 from mpp.monitor import KnnMonitor, MonitorRun, previous_random_reading
@@ -219,14 +222,21 @@ def run(config: PretrainConfig) -> Path:
     accelerator.wait_for_everyone()
 
     o = config.optim
-    optimizer = pretrain_optimizer(model, schedule.lr, o.weight_decay, (o.betas[0], o.betas[1]), o.fused)
-    state = restore(found, model, optimizer) if found is not None else TrainState()
+    sharded = config.fsdp and accelerator.num_processes > 1
+    if config.fsdp and not sharded:
+        say("  fsdp: one process, nothing to shard; the model is trained whole")
+    if sharded:
+        model, optimizer, state, view = prepare_sharded(config, model, accelerator, found, schedule.lr)
+    else:
+        optimizer = pretrain_optimizer(model, schedule.lr, o.weight_decay, (o.betas[0], o.betas[1]), o.fused)
+        state = restore(found, model, optimizer) if found is not None else TrainState()
+        model, optimizer = accelerator.prepare(model, optimizer)
+        view = PlainCopy(None, accelerator.unwrap_model(model))
     if found is not None:
         say(f"  resumed from {found.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    model, optimizer = accelerator.prepare(model, optimizer)
     restore_scaler(found, accelerator)
     train_model = model
-    raw: MaskedAutoencoder = accelerator.unwrap_model(model)
+    raw: MaskedAutoencoder = accelerator.unwrap_model(model)  # sharded: its attributes only, no forward on one rank
 
     main = accelerator.is_main_process
     if main:
@@ -240,10 +250,11 @@ def run(config: PretrainConfig) -> Path:
     )  # fmt: skip
 
     def on_epoch_end(state: TrainState) -> None:
+        shown = view.sync()
         if main:
-            pictures.draw(raw, f"epoch_{state.epoch:03d}.png", accelerator.device)
+            pictures.draw(shown, f"epoch_{state.epoch:03d}.png", accelerator.device)
             if state.batch_in_epoch == 0 and watch.due(state.epoch):
-                watch.read(raw, accelerator, state.step, float(state.epoch), log, say)
+                watch.read(shown, accelerator, state.step, float(state.epoch), log, say)
         accelerator.wait_for_everyone()
 
     def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -274,10 +285,13 @@ def run(config: PretrainConfig) -> Path:
         train_model = compile_model(model, trial, config.compile_backend, say)
 
     start = time.perf_counter()
-    if state.step == 0 and main:
-        watch.read(raw, accelerator, 0, 0.0, log, say)  # random init: what every later reading is compared with
+    if state.step == 0:
+        shown = view.sync()
+        if main:
+            watch.read(shown, accelerator, 0, 0.0, log, say)  # random init: what every later reading is compared with
     accelerator.wait_for_everyone()
-    checkpointer = Checkpointer(accelerator, run_dir, config.keep_checkpoints, config.checkpoint_every_steps)
+    checkpointer = Checkpointer(accelerator, run_dir, config.keep_checkpoints, config.checkpoint_every_steps,
+                                full_state=full_state if sharded else None)  # fmt: skip
     try:
         finished = fit(accelerator, train_model, optimizer, loss_fn, schedule, state, loader_for, seed=config.seed,
                        log=log, log_every=config.log_every, clip_grad=o.clip_grad, checkpointer=checkpointer,
@@ -295,11 +309,39 @@ def run(config: PretrainConfig) -> Path:
     if broken := decode_skips(run_dir):
         say(f"  {len(broken)} images failed to decode while training (each replaced by the next readable one); "
             f"listed in {run_dir / SKIPPED_FILES}")  # fmt: skip
-    if finished and main:
-        export_weights(run_dir, raw, config, data, state, pictures, say, accelerator.device)
+    if finished:
+        shown = view.sync()
+        if main:
+            export_weights(run_dir, shown, config, data, state, pictures, say, accelerator.device)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def prepare_sharded(
+    config: PretrainConfig, model: MaskedAutoencoder, accelerator: Accelerator, found: Checkpoint | None, lr: float
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainState, PlainCopy]:
+    """FSDP: restore the full state, keep a plain copy on the main process, shard, build and restore the optimizer."""
+    if found is not None:
+        model.load_state_dict(found.model_state)
+    plain = copy.deepcopy(model).to(accelerator.device) if accelerator.is_main_process else None
+    model = shard_model(model, accelerator.device)
+    local = sum(p.to_local().numel() for p in model.parameters())  # DTensor shards: this process's part
+    accelerator.print(f"  fsdp: weights, gradients and AdamW state sharded over {accelerator.num_processes} "
+                      f"processes ({local:,} parameters on the main process)")  # fmt: skip
+    o = config.optim
+    optimizer = pretrain_optimizer(model, lr, o.weight_decay, (o.betas[0], o.betas[1]), o.fused)
+    state = TrainState()
+    if found is not None:
+        load_full_optimizer_state(model, optimizer, found.optimizer_state["optimizer"])
+        state = TrainState.from_dict(found.trainer_state)
+    return model, accelerator.prepare(optimizer), state, PlainCopy(model, plain)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A sharded model's and optimizer's full state on the main process (every process calls it)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    return full_model_state(model), full_optimizer_state(model, inner)
 
 
 def export_weights(

@@ -1,0 +1,27 @@
+"""The step benchmark's CPU path runs end to end on a micro model; its three implementations compute one loss."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_pretrain_step  # noqa: E402
+
+
+def test_step_benchmark_cpu_path_without_the_official_checkout(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    bench_pretrain_step.main(["--cases", "micro_16px", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert row["notes"] == ["official: skipped (no --official DIR)"] and set(row["images_per_s"]) == {"mpp", "hf"}
+    assert row["loss_max_abs_diff"] < 1e-5 and row["loss"]["mpp"] > 0
+    assert "| micro_16px | 8 | fp32 |" in capsys.readouterr().out and report["env"]["device"] == "cpu"
+
+
+def test_official_dir_must_be_a_mae_checkout(tmp_path):
+    with pytest.raises(SystemExit, match="models_mae.py not found"):
+        bench_pretrain_step.load_official(tmp_path)

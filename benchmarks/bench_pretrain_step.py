@@ -41,6 +41,7 @@ CASES = {
     "tiny_fmnist_28px": ("mae_vit_tiny_patch4", {}, 128),
     "vit_tiny_32px": ("mae_vit_tiny_patch4", {"img_size": 32, "in_chans": 3}, 256),
     "vit_base_224px": ("mae_vit_base_patch16", {}, 8),
+    "vit_base_224px_b256": ("mae_vit_base_patch16", {}, 256),  # the GPU case (bf16 on CUDA)
 }
 DEFAULT_CASES = ("tiny_fmnist_28px", "vit_tiny_32px", "vit_base_224px")
 # The two textual fixes the official code needs on current timm and numpy (file, old, new).

@@ -88,6 +88,11 @@ class DataConfig(SourceConfig):
     # Decode every image once and augment whole batches in the training process (mpp.data.memory); None: on for the
     # sources that are arrays in memory anyway (fashion-mnist, synthetic), off for files.
     in_memory: bool | None = None
+    # source=hf only: read the split as a stream (mpp.data.stream) instead of downloading/opening it whole.
+    streaming: bool = False
+    stream_length: int | None = None  # images in the split, when the dataset's metadata does not say
+    shuffle_buffer: int = 10_000
+    stream_threads: int = 4  # image decoding threads
 
 
 @dataclass
@@ -391,6 +396,14 @@ def validate(config: PretrainConfig) -> None:
     check_source(d)
     _check(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", d.crop_scale_min, "must be in (0, 1]")
     _check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
+    if d.streaming:
+        _check(d.source == "hf", "data.streaming", d.streaming, f"needs data.source=hf, not {d.source}")
+        _check(not d.in_memory, "data.in_memory", d.in_memory, "cannot hold a stream; leave it unset with streaming")
+        _check(d.limit is None, "data.limit", d.limit, "is not supported with streaming (use data.stream_length)")
+        _check(d.stream_length is None or d.stream_length > 0, "data.stream_length", d.stream_length,
+               "must be positive")  # fmt: skip
+        _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
+        _check(d.stream_threads >= 1, "data.stream_threads", d.stream_threads, "must be >= 1")
     check_schedule(config.optim, "optim.")
     m = config.monitor
     _check(m.every_epochs > 0, "monitor.every_epochs", m.every_epochs, "must be positive")

@@ -27,6 +27,7 @@ from mpp.config import ConfigError, PretrainConfig, build_config, model_override
 from mpp.data import build_dataset, default_stats
 from mpp.data.memory import MemoryPretrainSamples, decode_all, memory_epoch_batches
 from mpp.data.skips import SKIPPED_FILES, decode_skips, start_skip_log
+from mpp.data.stream import StreamHead, StreamPretrainSamples, open_stream, stream_length
 from mpp.data.transforms import eval_transform, pretrain_transform
 from mpp.engine import (
     Checkpointer,
@@ -121,7 +122,7 @@ def make_dataset(config: PretrainConfig, transform: Any, in_chans: int, img_size
 class PretrainData:
     """The masked training samples, the same images untransformed for pictures and the monitor, their statistics."""
 
-    samples: SeededPretrainSamples | MemoryPretrainSamples
+    samples: SeededPretrainSamples | MemoryPretrainSamples | StreamPretrainSamples
     plain: Any
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -137,6 +138,8 @@ def build_data(config: PretrainConfig, model: MaskedAutoencoder) -> PretrainData
     img_size, in_chans = model.img_size[0], model.in_chans
     mean, std = data_stats(config, in_chans)
     scale = (config.data.crop_scale_min, 1.0)
+    if config.data.streaming:
+        return stream_data(config, model, mean, std)
     in_memory = config.data.in_memory
     if in_memory is None:
         in_memory = config.data.source in IN_MEMORY_SOURCES
@@ -150,6 +153,25 @@ def build_data(config: PretrainConfig, model: MaskedAutoencoder) -> PretrainData
         samples = SeededPretrainSamples(make_dataset(config, train_tf, in_chans, img_size), model.grid_size,
                                         model.mask_ratio, model.mask_type, config.seed)  # fmt: skip
     plain = make_dataset(config, eval_transform(model.img_size, mean, std), in_chans, img_size)
+    return PretrainData(samples, plain, mean, std)
+
+
+def stream_data(
+    config: PretrainConfig, model: MaskedAutoencoder, mean: tuple[float, ...], std: tuple[float, ...]
+) -> PretrainData:
+    """A streamed hf split (:mod:`mpp.data.stream`); the first images of the stream for the monitor and pictures."""
+    d = config.data
+    assert d.path is not None  # checked with the config
+    stream, known = open_stream(d.path, d.split, d.image_column, d.cache_dir)
+    length = stream_length(stream, known, d.split, d.stream_length, d.path)
+    scale = (d.crop_scale_min, 1.0)
+    train_tf = pretrain_transform(model.img_size, mean, std, scale=scale, hflip=d.hflip)
+    samples = StreamPretrainSamples(stream, length, train_tf, model.in_chans, d.image_column, d.label_column,
+                                    model.grid_size, model.mask_ratio, model.mask_type, config.seed, d.shuffle_buffer,
+                                    d.stream_threads)  # fmt: skip
+    head = max(config.monitor.samples if config.monitor.enabled else 0, config.viz_samples, 1)
+    plain = StreamHead(stream, head, eval_transform(model.img_size, mean, std), model.in_chans, d.image_column,
+                       d.label_column, name=f"hf {d.path}:{d.split}")  # fmt: skip
     return PretrainData(samples, plain, mean, std)
 
 
@@ -263,7 +285,13 @@ def run(config: PretrainConfig) -> Path:
         return m(imgs.to(device, non_blocking=True), noise=noise.to(device, non_blocking=True)).loss
 
     loader_for: Callable[[int, int], Iterable[Any]]
-    if data.in_memory:
+    if isinstance(data.samples, StreamPretrainSamples):
+        stream = data.samples
+
+        def loader_for(epoch: int, skip: int) -> Iterable[Any]:
+            return stream.epoch_batches(schedule.batch_size, epoch, rank=accelerator.process_index,
+                                        world_size=schedule.world, skip_batches=skip)  # fmt: skip
+    elif data.in_memory:
 
         def loader_for(epoch: int, skip: int) -> Iterable[Any]:
             return memory_epoch_batches(data.samples, schedule.batch_size, epoch, rank=accelerator.process_index,

@@ -30,6 +30,13 @@ def split_key(key: int | tuple[int, int], epoch: int) -> tuple[int, int]:
     return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (epoch, int(key))
 
 
+def sample_noise(sample_seed: int, grid_size: tuple[int, int], mask_ratio: float, mask_type: str) -> torch.Tensor:
+    """One sample's mask noise ``[L]`` (lowest values kept), from its own generator: a function of ``sample_seed``."""
+    gen = torch.Generator().manual_seed(sample_seed ^ 0x5DEECE66D)
+    noise = make_noise(mask_type, 1, grid_size, mask_ratio, generator=gen)
+    return torch.rand(grid_size[0] * grid_size[1], generator=gen) if noise is None else noise[0]
+
+
 class SeededPretrainSamples(Dataset):
     """Wrap a dataset whose items are ``(image, label)`` so each item also carries its mask noise.
 
@@ -59,11 +66,7 @@ class SeededPretrainSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             image, label = self.base[index]
-        gen = torch.Generator().manual_seed(sample_seed ^ 0x5DEECE66D)
-        length = self.grid_size[0] * self.grid_size[1]
-        noise = make_noise(self.mask_type, 1, self.grid_size, self.mask_ratio, generator=gen)
-        noise = torch.rand(length, generator=gen) if noise is None else noise[0]
-        return image, noise, label
+        return image, sample_noise(sample_seed, self.grid_size, self.mask_ratio, self.mask_type), label
 
 
 def epoch_order(length: int, epoch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> list[int]:

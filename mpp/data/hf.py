@@ -14,38 +14,56 @@ import torch
 from PIL import Image
 
 from mpp.data.base import ImageDataset
-from mpp.data.images import convert_channels
+from mpp.data.images import convert_channels, decode_bytes
 
 logger = logging.getLogger(__name__)
 
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
-def open_hf(path: str, split: str, cache_dir: str | None = None) -> datasets.Dataset:
-    """One split of a Hugging Face dataset.
+def is_saved_dir(path: Path) -> bool:
+    """Whether ``path`` holds a ``save_to_disk`` dataset (or dataset dict)."""
+    return path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json"))
+
+
+def open_hf(
+    path: str, split: str, cache_dir: str | None = None, streaming: bool = False
+) -> datasets.Dataset | datasets.IterableDataset:
+    """One split of a Hugging Face dataset (an ``IterableDataset`` read as it goes with ``streaming``).
 
     ``path`` is tried as, in order: a ``save_to_disk`` directory (a single saved ``Dataset`` serves every split), a
     local directory of data files (``imagefolder``, parquet, ... as ``load_dataset`` infers), a local data file
-    (by extension: parquet, arrow, csv, json/jsonl), and otherwise a Hub dataset name.
+    (by extension: parquet, arrow, csv, json/jsonl), and otherwise a Hub dataset name. A saved directory is streamed
+    in 64 shards (or one per row when smaller) so processes can share it out by shard.
     """
     local = Path(path).expanduser()
-    if local.is_dir() and any((local / f).exists() for f in ("dataset_dict.json", "state.json")):
+    if is_saved_dir(local):
         saved = datasets.load_from_disk(str(local))
         if isinstance(saved, datasets.DatasetDict):
             if split not in saved:
                 raise ValueError(f"hf dataset {path!r} has splits {sorted(saved)}, not {split!r}")
-            return saved[split]
-        return saved
+            saved = saved[split]
+        return saved.to_iterable_dataset(num_shards=max(1, min(64, len(saved)))) if streaming else saved
     if local.is_dir():
-        return datasets.load_dataset(str(local), split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(str(local), split=split, cache_dir=cache_dir, streaming=streaming)
     if local.is_file():
         builder = _FILE_BUILDERS.get(local.suffix.lower())
         if builder is None:
             raise ValueError(f"hf data file {path!r}: unknown type, expected one of {sorted(_FILE_BUILDERS)}")
-        return datasets.load_dataset(builder, data_files={split: str(local)}, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(builder, data_files={split: str(local)}, split=split, cache_dir=cache_dir,
+                                     streaming=streaming)  # fmt: skip
     if path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"hf dataset path {path!r} does not exist")
-    return datasets.load_dataset(path, split=split, cache_dir=cache_dir)
+    return datasets.load_dataset(path, split=split, cache_dir=cache_dir, streaming=streaming)
+
+
+def decode_cell(value: Any, in_chans: int) -> Image.Image | torch.Tensor:
+    """An image cell decoded and converted to ``in_chans`` (:func:`mpp.data.images.decode_bytes` for bytes)."""
+    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes | bytearray) else None
+    if data is not None:
+        return decode_bytes(bytes(data), in_chans)
+    with _decode(value) as img:
+        return convert_channels(img, in_chans)
 
 
 def _decode(value: Any) -> Image.Image:
@@ -142,5 +160,4 @@ class HFImageDataset(ImageDataset):
 
     def load(self, index: int) -> Image.Image | torch.Tensor:
         """Decode and convert the image cell of item ``index`` (raises on a broken cell)."""
-        with _decode(self.data[index][self.image_column]) as img:
-            return convert_channels(img, self.in_chans)
+        return decode_cell(self.data[index][self.image_column], self.in_chans)

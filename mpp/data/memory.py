@@ -22,10 +22,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from mpp.masking import make_noise
-from mpp.sampling import epoch_order, mix_seed
+from mpp.sampling import epoch_order, mix_seed, sample_noise
 
-NOISE_SALT = 0x5DEECE66D  # the per-image path's mask generator seed is sample_seed ^ this
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
 
@@ -108,13 +106,6 @@ def augment_batch(
     m = torch.tensor(list(mean), dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(list(std), dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
-
-
-def sample_noise(seed: int, grid_size: tuple[int, int], mask_ratio: float, mask_type: str) -> torch.Tensor:
-    """The mask noise ``[L]`` the per-image path gives sample seed ``seed``."""
-    generator = torch.Generator().manual_seed(seed ^ NOISE_SALT)
-    noise = make_noise(mask_type, 1, grid_size, mask_ratio, generator=generator)
-    return torch.rand(grid_size[0] * grid_size[1], generator=generator) if noise is None else noise[0]
 
 
 class MemoryPretrainSamples:

@@ -232,8 +232,8 @@ class SeededItems(Dataset):
 def loader_workers(num_workers: int, images_per_epoch: int) -> int:
     """Loader workers for an epoch of ``images_per_epoch`` images: none for small (few-label) epochs.
 
-    The loaders are rebuilt every epoch (seeded order); starting worker processes costs about a second, far more
-    than augmenting a few hundred images in the main process, and a 100-image epoch is one step.
+    Starting worker processes costs about a second, far more than augmenting a few hundred images in the main
+    process, and a 100-image epoch is one step (the few-label stages stretch such epochs to hundreds).
     """
     return num_workers if images_per_epoch >= 4096 else 0
 

@@ -164,8 +164,10 @@ def run_case(name: str, variant: str, overrides: dict, batch: int, repeats: int,
     for m, call in models.values():  # warm-up
         time_steps(m, imgs, call, 2, autocast)
     times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(repeats):  # interleaved
-        for k, (m, call) in models.items():
+    names = list(models)
+    for r in range(repeats):  # interleaved, and each implementation takes each place in the order in turn
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            m, call = models[k]
             times[k] += time_steps(m, imgs, call, 1, autocast)
     median = {k: statistics.median(t) for k, t in times.items()}
     return {

@@ -18,6 +18,7 @@ import errno
 import json
 import pickle
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from mpp.runtime import DiskFullError, atomic_write_text, first_line, is_disk_fu
 
 LATEST = "latest"
 PREFIX = "step_"
+SHARDED = "sharded"  # an FSDP checkpoint's torch.distributed.checkpoint directory
 STATE_KEYS = ("step", "epoch", "batch_in_epoch")
 
 
@@ -46,6 +48,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any]
     trainer_state: dict[str, Any]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    sharded: Path | None = None  # an FSDP run's distributed checkpoint (mpp.fsdp); its weights are not read here
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -86,16 +89,39 @@ def save_checkpoint(
     Raises:
         DiskFullError: the disk filled up; the previous checkpoints are untouched and the partial one removed.
     """
+    tmp = reserve_checkpoint(run_dir, step)
+
+    def write(directory: Path) -> None:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+        save_file(weights, str(directory / "model.safetensors"))
+        torch.save(optimizer_state, directory / "optimizer.pt")
+
+    return publish_checkpoint(run_dir, tmp, write, state, keep)
+
+
+def reserve_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """A fresh hidden directory to write checkpoint ``step`` into (its final name follows the ``.tmp-`` prefix)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    existing = checkpoint_dirs(run_dir)
-    name = _free_name(root, f"{PREFIX}{step:08d}")
-    tmp = root / f".tmp-{name}"
+    tmp = root / f".tmp-{_free_name(root, f'{PREFIX}{step:08d}')}"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def publish_checkpoint(
+    run_dir: str | Path, tmp: Path, write: Callable[[Path], None], state: dict[str, Any], keep: int
+) -> Path:
+    """Fill ``tmp`` (``write``, then ``state.json``), rename it into place, point ``latest`` at it, prune to ``keep``.
+
+    Raises:
+        DiskFullError: the disk filled up; the previous checkpoints are untouched and the partial one removed.
+    """
+    root = Path(run_dir) / "checkpoints"
+    existing = checkpoint_dirs(run_dir)
+    name = tmp.name.removeprefix(".tmp-")
     try:
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        write(tmp)
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         tmp.rename(root / name)  # complete: visible under its final name in one step
         atomic_write_text(root / LATEST, name + "\n")
@@ -127,6 +153,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointError: a part is missing, truncated, not what mpp writes, or would run code (one line, naming it).
     """
     path = Path(path)
+    if (path / SHARDED).is_dir():
+        return _read_sharded(path)
     part = path / "model.safetensors"
     try:
         model_state = load_file(str(part))
@@ -147,6 +175,19 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(optimizer_state, dict):
         raise CheckpointError(f"{path / 'optimizer.pt'} is not an mpp optimizer state")
     return Checkpoint(path, model_state, optimizer_state, trainer)
+
+
+def _read_sharded(path: Path) -> Checkpoint:
+    """An FSDP checkpoint: the trainer state, and where the shards are (loaded by every process, mpp.fsdp)."""
+    if not (path / SHARDED / ".metadata").is_file():
+        raise CheckpointError(f"{path / SHARDED / '.metadata'} is missing (an incomplete sharded checkpoint)")
+    try:
+        trainer = json.loads((path / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError, OSError) as err:
+        raise CheckpointError(f"{path / 'state.json'} is missing or corrupt ({first_line(err)})") from None
+    if not isinstance(trainer, dict) or any(k not in trainer for k in STATE_KEYS):
+        raise CheckpointError(f"{path / 'state.json'} lacks the trainer state ({', '.join(STATE_KEYS)})")
+    return Checkpoint(path, {}, {}, trainer, sharded=path / SHARDED)
 
 
 def newest_resumable(run_dir: str | Path) -> Checkpoint | None:

@@ -284,8 +284,8 @@ class Checkpointer:
     """Saves the run at epoch ends (every ``every_epochs``, and the last) and every ``every_steps`` steps.
 
     ``extra_state`` adds tensors to the optimizer file (an EMA model, the AMP scaler); only the main process writes,
-    everyone waits for it. ``full_state(model, optimizer) -> (model state, optimizer state)`` replaces reading them
-    on the main process, for state spread over the processes (FSDP); every process calls it.
+    everyone waits for it. ``writer(model, optimizer, state) -> path`` replaces all of that for state spread over the
+    processes (FSDP's sharded checkpoints); every process calls it.
     """
 
     def __init__(
@@ -296,11 +296,10 @@ class Checkpointer:
         every_steps: int = 0,
         every_epochs: int = 1,
         extra_state: Callable[[], dict[str, Any]] | None = None,
-        full_state: Callable[[torch.nn.Module, torch.optim.Optimizer], tuple[dict[str, Any], dict[str, Any]]]
-        | None = None,
+        writer: Callable[[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]], Path | None] | None = None,
     ) -> None:
         self.accelerator = accelerator
-        self.full_state = full_state
+        self.writer = writer
         self.run_dir = Path(run_dir)
         self.keep = keep
         self.every_steps = every_steps
@@ -317,12 +316,11 @@ class Checkpointer:
         if state.to_dict() == self.last_saved:
             return None
         self.last_saved = state.to_dict()
-        gathered = self.full_state(model, optimizer) if self.full_state is not None else None
+        if self.writer is not None:
+            return self.writer(model, optimizer, state.to_dict())
         if self.accelerator.is_main_process:
-            if gathered is None:
-                gathered = self.accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
-            model_state, optimizer_state = gathered
-            opt_state: dict[str, Any] = {"optimizer": optimizer_state}
+            model_state = self.accelerator.unwrap_model(model).state_dict()
+            opt_state: dict[str, Any] = {"optimizer": optimizer.state_dict()}
             if self.accelerator.scaler is not None:
                 opt_state["scaler"] = self.accelerator.scaler.state_dict()
             if self.extra_state is not None:

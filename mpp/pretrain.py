@@ -43,7 +43,7 @@ from mpp.engine import (
     restore_scaler,
     resume_state,
 )
-from mpp.fsdp import PlainCopy, full_model_state, full_optimizer_state, load_full_optimizer_state, shard_model
+from mpp.fsdp import PlainCopy, load_sharded, save_sharded, shard_model
 from mpp.masking import num_kept
 from mpp.models import MaskedAutoencoder, create_model
 from mpp.monitor import KnnMonitor, MonitorRun, previous_random_reading
@@ -247,6 +247,8 @@ def run(config: PretrainConfig) -> Path:
     sharded = config.fsdp and accelerator.num_processes > 1
     if config.fsdp and not sharded:
         say("  fsdp: one process, nothing to shard; the model is trained whole")
+    if found is not None and found.sharded is not None and not sharded:
+        raise ConfigError(f"{found.path} is a sharded (fsdp=true) checkpoint; resume it with fsdp=true on >1 process")
     if sharded:
         model, optimizer, state, view = prepare_sharded(config, model, accelerator, found, schedule.lr)
     else:
@@ -318,8 +320,12 @@ def run(config: PretrainConfig) -> Path:
         if main:
             watch.read(shown, accelerator, 0, 0.0, log, say)  # random init: what every later reading is compared with
     accelerator.wait_for_everyone()
+
+    def write_shards(m: torch.nn.Module, opt: torch.optim.Optimizer, trainer: dict[str, Any]) -> Path | None:
+        return save_sharded(accelerator, run_dir, m, opt, trainer, config.keep_checkpoints)
+
     checkpointer = Checkpointer(accelerator, run_dir, config.keep_checkpoints, config.checkpoint_every_steps,
-                                full_state=full_state if sharded else None)  # fmt: skip
+                                writer=write_shards if sharded else None)  # fmt: skip
     try:
         finished = fit(accelerator, train_model, optimizer, loss_fn, schedule, state, loader_for, seed=config.seed,
                        log=log, log_every=config.log_every, clip_grad=o.clip_grad, checkpointer=checkpointer,
@@ -350,8 +356,8 @@ def prepare_sharded(
     config: PretrainConfig, model: MaskedAutoencoder, accelerator: Accelerator, found: Checkpoint | None, lr: float
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainState, PlainCopy]:
     """FSDP: restore the full state, keep a plain copy on the main process, shard, build and restore the optimizer."""
-    if found is not None:
-        model.load_state_dict(found.model_state)
+    if found is not None and found.sharded is None:
+        raise ConfigError(f"{found.path} is a whole-model checkpoint; fsdp=true resumes from its own sharded ones")
     plain = copy.deepcopy(model).to(accelerator.device) if accelerator.is_main_process else None
     model = shard_model(model, accelerator.device)
     local = sum(p.to_local().numel() for p in model.parameters())  # DTensor shards: this process's part
@@ -361,15 +367,9 @@ def prepare_sharded(
     optimizer = pretrain_optimizer(model, lr, o.weight_decay, (o.betas[0], o.betas[1]), o.fused)
     state = TrainState()
     if found is not None:
-        load_full_optimizer_state(model, optimizer, found.optimizer_state["optimizer"])
+        load_sharded(model, optimizer, found.sharded)  # type: ignore[arg-type]
         state = TrainState.from_dict(found.trainer_state)
     return model, accelerator.prepare(optimizer), state, PlainCopy(model, plain)
-
-
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A sharded model's and optimizer's full state on the main process (every process calls it)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
-    return full_model_state(model), full_optimizer_state(model, inner)
 
 
 def export_weights(

@@ -355,7 +355,7 @@ def run(config: PretrainConfig) -> Path:
 def prepare_sharded(
     config: PretrainConfig, model: MaskedAutoencoder, accelerator: Accelerator, found: Checkpoint | None, lr: float
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainState, PlainCopy]:
-    """FSDP: restore the full state, keep a plain copy on the main process, shard, build and restore the optimizer."""
+    """FSDP: keep a plain copy on the main process, shard, build the optimizer, load a sharded checkpoint if any."""
     if found is not None and found.sharded is None:
         raise ConfigError(f"{found.path} is a whole-model checkpoint; fsdp=true resumes from its own sharded ones")
     plain = copy.deepcopy(model).to(accelerator.device) if accelerator.is_main_process else None

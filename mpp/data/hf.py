@@ -33,8 +33,8 @@ def open_hf(
 
     ``path`` is tried as, in order: a ``save_to_disk`` directory (a single saved ``Dataset`` serves every split), a
     local directory of data files (``imagefolder``, parquet, ... as ``load_dataset`` infers), a local data file
-    (by extension: parquet, arrow, csv, json/jsonl), and otherwise a Hub dataset name. A saved directory is streamed
-    in 64 shards (or one per row when smaller) so processes can share it out by shard.
+    (by extension: parquet, arrow, csv, json/jsonl), and otherwise a Hub dataset name. A saved directory is already
+    on disk and comes back whole either way (:func:`mpp.data.stream.open_stream` streams it).
     """
     local = Path(path).expanduser()
     if is_saved_dir(local):
@@ -43,7 +43,7 @@ def open_hf(
             if split not in saved:
                 raise ValueError(f"hf dataset {path!r} has splits {sorted(saved)}, not {split!r}")
             saved = saved[split]
-        return saved.to_iterable_dataset(num_shards=max(1, min(64, len(saved)))) if streaming else saved
+        return saved
     if local.is_dir():
         return datasets.load_dataset(str(local), split=split, cache_dir=cache_dir, streaming=streaming)
     if local.is_file():

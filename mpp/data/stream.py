@@ -7,7 +7,7 @@ A dataset too large to download first (or to list) is read as it goes with ``dat
   shards when their count divides by the process count, else every N-th example);
 - each process takes ``length // processes // batch`` full batches, where ``length`` is the split's size from the
   dataset's metadata or ``data.stream_length``; a process whose share runs short starts its share over (with a
-  count in the log), so all processes take the same number of steps;
+  warning each time), so all processes take the same number of steps;
 - an image's augmentation and mask are seeded from ``(seed, epoch, rank, position in the process's stream)``, so a
   run is reproducible and resumes exactly: a resumed epoch replays the stream from its start and skips the images
   already trained on without decoding them (the checkpoint's position in the epoch is all it needs; the shuffle
@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -32,7 +31,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from mpp.data.base import ImageDataset
-from mpp.data.hf import decode_cell, is_saved_dir, open_hf
+from mpp.data.hf import decode_cell, open_hf
 from mpp.sampling import mix_seed, sample_noise
 
 logger = logging.getLogger(__name__)
@@ -42,13 +41,12 @@ def open_stream(
     path: str, split: str, image_column: str, cache_dir: str | None = None
 ) -> tuple[datasets.IterableDataset, int | None]:
     """The split as a stream with its image column left undecoded (mpp decodes it), and its size when known."""
+    opened = open_hf(path, split, cache_dir, streaming=True)
     length = None
-    if is_saved_dir(Path(path).expanduser()):
-        saved = open_hf(path, split, cache_dir)
-        length = len(saved)
-        stream = saved.to_iterable_dataset(num_shards=max(1, min(64, length)))
-    else:
-        stream = open_hf(path, split, cache_dir, streaming=True)
+    if isinstance(opened, datasets.Dataset):  # a save_to_disk directory: streamed in up to 64 shards to share out
+        length = len(opened)
+        opened = opened.to_iterable_dataset(num_shards=max(1, min(64, length)))
+    stream = opened
     features = stream.features
     if features is not None and image_column not in features:
         raise ValueError(f"hf dataset {path!r} has no image column {image_column!r}; columns: {list(features)}")
@@ -111,7 +109,6 @@ class StreamPretrainSamples:
         self.image_column, self.label_column = image_column, label_column
         self.grid_size, self.mask_ratio, self.mask_type, self.seed = grid_size, mask_ratio, mask_type, seed
         self.threads = threads
-        self.restarts = 0  # times a process's share ran out before its epoch did
 
     def __len__(self) -> int:
         return self.length
@@ -127,7 +124,6 @@ class StreamPretrainSamples:
                 yield example
             if empty:
                 raise ValueError(f"process {rank} of {world_size} got no images from the stream")
-            self.restarts += 1
             logger.warning("stream: process %d's share of epoch %d ran out; starting it over", rank, epoch)
 
     def epoch_batches(

@@ -26,7 +26,7 @@ from PIL import Image
 from mpp.config import PretrainConfig, build_config
 from mpp.data import build_dataset
 from mpp.data.shards import write_shards
-from mpp.pretrain import run
+from mpp.train.pretrain import run
 
 
 def write_files(root: Path, count: int) -> None:

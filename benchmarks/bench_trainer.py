@@ -34,8 +34,8 @@ from machine import machine_facts, write_report
 import mpp
 from mpp.config import PretrainConfig, build_config
 from mpp.data.fashion_mnist import MEAN, STD, load_fashion_mnist
-from mpp.optim import pretrain_optimizer
-from mpp.pretrain import run
+from mpp.train.optim import pretrain_optimizer
+from mpp.train.pretrain import run
 
 # The demo recipe's model, batch and epoch (15k images, 117 steps): epoch ends come as often as in `make demo`.
 VARIANT, BATCH, IMAGES_PER_EPOCH, LOG_EVERY = "mae_vit_tiny_patch4", 128, 15000, 10

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 import mpp
 from mpp.data import build_dataset, default_stats
-from mpp.knn import knn_scores
-from mpp.labels import label_subset
+from mpp.eval.labels import label_subset
+from mpp.neighbours import knn_scores
 
 
 def load_split(split: str, keep: list[int] | None, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,9 @@
 """mpp: masked-patch self-supervised pretraining of Vision Transformers (MAE)."""
 
+from mpp._version import __version__
 from mpp.formats import CheckpointInfo, export_model, load_checkpoint, load_weights
 from mpp.masking import patchify, random_masking, unpatchify
 from mpp.models import MAEOutput, MaskedAutoencoder, ViTEncoder, create_model, list_models, model_config
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointInfo",

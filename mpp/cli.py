@@ -5,15 +5,18 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {
-    "pretrain": ("mpp.pretrain", "MAE pretraining on a dataset or image folder (CPU, one or many GPUs), resumable"),
+COMMANDS = {  # name: (module with main(argv), help)
+    "pretrain": ("mpp.train.pretrain", "MAE pretraining on a dataset or folder (CPU, one or many GPUs); resumable"),
     "shard": ("mpp.data.shards", "pack an image folder into tar shards + index (starts in seconds at any size)"),
-    "convert": ("mpp.convert", "convert weights between mpp, official MAE, timm and Hugging Face formats"),
-    "knn": ("mpp.knn", "weighted cosine kNN accuracy of a frozen encoder (optionally with few labels)"),
-    "probe": ("mpp.probe", "linear probe (BN + linear, LARS) of a frozen encoder; full or cached-feature lr sweep"),
-    "finetune": ("mpp.finetune", "full fine-tuning (layer decay, mixup/cutmix, RandAugment), or from scratch"),
-    "evaluate": ("mpp.evaluate", "kNN + probe (+ fine-tune) of a run: results.json/.md, confusion plots"),
-    "visualize": ("mpp.visualize", "reconstructions, attention, position embeddings, PCA of an encoder: index.html"),
+    "convert": ("mpp.formats.convert", "convert weights between mpp, official MAE, timm and Hugging Face formats"),
+    "knn": ("mpp.eval.knn", "weighted cosine kNN accuracy of a frozen encoder (optionally with few labels)"),
+    "probe": (
+        "mpp.eval.probe",
+        "linear probe (BN + linear, LARS) of a frozen encoder; full, or cached with an lr sweep",
+    ),
+    "finetune": ("mpp.eval.finetune", "full fine-tuning (layer decay, mixup/cutmix, RandAugment), or from scratch"),
+    "evaluate": ("mpp.eval.evaluate", "kNN + probe (+ fine-tune) of a run: results.json/.md, confusion plots"),
+    "visualize": ("mpp.viz.visualize", "reconstructions, attention, position tables, PCA of an encoder: index.html"),
 }
 
 

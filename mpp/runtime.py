@@ -1,6 +1,10 @@
-"""What every stage needs to run: precision, the accelerator with the CPU multi-process guard, seeding, output dirs.
+"""What every command needs to run: errors and exit codes, the accelerator, seeding, output dirs, run facts.
 
-Also the one atomic-write helper (temporary file, then rename) that turns a full disk into one clear line.
+The accelerator comes with the CPU multi-process guard; the facts saved with a run are its config, version and commit;
+the one atomic-write helper (temporary file, then rename) turns a full disk into one clear line.
+
+Exit codes of every ``mpp`` training command (:func:`run_command`): 0 done, 2 bad input (config, files, paths, a full
+disk; nothing is lost), 3 the loss diverged (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -9,16 +13,25 @@ import contextlib
 import errno
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from mpp._version import __version__
+
 __all__ = [
+    "CheckpointError",
+    "ConfigError",
     "DiskFullError",
+    "NonFiniteLossError",
     "atomic_path",
     "atomic_write_json",
     "atomic_write_text",
@@ -27,10 +40,25 @@ __all__ = [
     "make_accelerator",
     "first_line",
     "one_line",
+    "read_config",
     "resolve_precision",
+    "run_command",
     "seed_everything",
     "use_cpu",
+    "write_config",
 ]
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and the value."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be resumed from; the message lists each one and why."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops before anything is saved from that state."""
 
 
 class DiskFullError(OSError):
@@ -146,31 +174,47 @@ def first_line(err: BaseException, limit: int = 160) -> str:
     return lines[0][:limit] if lines else type(err).__name__
 
 
-def compile_model(
-    model: torch.nn.Module, trial: Callable[[torch.nn.Module], torch.Tensor], backend: str, say: Callable[[str], None]
-) -> torch.nn.Module:
-    """``torch.compile(model)``, tried on one real forward + backward first; the eager model when that fails.
-
-    Compilation happens lazily at the first call, so a missing compiler, an unsupported op or a bad backend would
-    otherwise stop the run at its first step. The trial's gradients are cleared and no optimizer step is taken, so
-    the weights and the run's randomness (reseeded every step) are untouched.
-
-    Args:
-        model: the prepared model.
-        trial: runs the (compiled) model on a batch and returns a scalar loss.
-        backend: ``torch.compile`` backend (``inductor``; ``aot_eager`` traces without generating code).
-        say: where the one-line note goes.
-
-    Returns:
-        The compiled model, or ``model`` itself.
-    """
+# ------------------------------------------------------------------------------------------------ commands
+def run_command(prog: str, build: Callable[[], Any], run: Callable[[Any], Any], print_config: bool = False) -> int:
+    """Build the config (``build``), then print it or ``run`` it; errors become one line and an exit code."""
     try:
-        compiled = torch.compile(model, backend=backend)
-        trial(compiled).backward()
-    except Exception as err:  # noqa: BLE001 - any compiler failure means: train eagerly, say why
-        say(f"  torch.compile ({backend}) failed, training without it: {one_line(err)[:300]}")
-        return model
-    finally:
-        model.zero_grad(set_to_none=True)
-    say(f"  torch.compile ({backend}): compiled")
-    return compiled
+        config = build()
+        if print_config:
+            print(yaml.safe_dump(asdict(config), sort_keys=False))
+            return 0
+        run(config)
+    except (ValueError, CheckpointError, OSError) as err:  # ConfigError is a ValueError; OSError: full disk, bad dir
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ run facts
+def git_commit() -> str:
+    """The commit of the mpp checkout in use (``"unknown"`` outside a git checkout), with ``-dirty`` if modified."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(status, cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_config(path: Path, config: dict[str, Any], **derived: Any) -> None:
+    """Write the resolved config plus provenance (version, commit) and derived numbers to YAML."""
+    doc = {**config, "_run": {"mpp_version": __version__, "git_commit": git_commit(), **derived}}
+    atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A saved run config without its provenance block."""
+    doc = yaml.safe_load(path.read_text()) or {}
+    doc.pop("_run", None)
+    return doc

@@ -50,8 +50,9 @@ def open_hf(
         builder = _FILE_BUILDERS.get(local.suffix.lower())
         if builder is None:
             raise ValueError(f"hf data file {path!r}: unknown type, expected one of {sorted(_FILE_BUILDERS)}")
-        return datasets.load_dataset(builder, data_files={split: str(local)}, split=split, cache_dir=cache_dir,
-                                     streaming=streaming)  # fmt: skip
+        return datasets.load_dataset(
+            builder, data_files={split: str(local)}, split=split, cache_dir=cache_dir, streaming=streaming
+        )
     if path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"hf dataset path {path!r} does not exist")
     return datasets.load_dataset(path, split=split, cache_dir=cache_dir, streaming=streaming)

@@ -6,7 +6,7 @@ and resized to the model's input once (:func:`decode_all`), and each batch is ga
 cropped, flipped and normalised in a few batched ops (:func:`augment_batch`), with no worker process.
 
 Determinism is the per-image path's: sample ``index`` of ``epoch`` draws its crop and flip from a generator seeded
-with ``mix_seed(seed, epoch, index)`` and its mask noise exactly as :class:`mpp.sampling.SeededPretrainSamples` does
+with ``mix_seed(seed, epoch, index)`` and its mask noise exactly as :class:`~mpp.data.sampling.SeededPretrainSamples`
 (so both paths mask identically), and the order is the same seeded :class:`~torch.utils.data.DistributedSampler`
 permutation; a resumed or multi-process run sees the same samples. The crop is the paper's RandomResizedCrop (area
 ``scale``, aspect 3/4 to 4/3, ten tries then the centre crop), resampled bicubically with ``grid_sample``.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from mpp.sampling import epoch_order, mix_seed, sample_noise
+from mpp.data.sampling import epoch_order, mix_seed, sample_noise
 
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
@@ -32,8 +32,13 @@ def decode_all(dataset: Any, img_size: tuple[int, int]) -> tuple[torch.Tensor, t
 
     Images of another size are resized (bicubic, shorter side) and centre-cropped once, as the evaluation transform.
     """
-    resize = v2.Compose([v2.ToImage(), v2.Resize(min(img_size), interpolation=v2.InterpolationMode.BICUBIC,
-                                                 antialias=True), v2.CenterCrop(img_size)])  # fmt: skip
+    resize = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(min(img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(img_size),
+        ]
+    )
     images, labels = [], []
     for index in range(len(dataset)):
         image, label = dataset[index]
@@ -109,7 +114,7 @@ def augment_batch(
 
 
 class MemoryPretrainSamples:
-    """Decoded training images with everything :func:`memory_epoch_batches` needs to make masked batches."""
+    """Decoded training images with everything :meth:`epoch_batches` needs to make masked batches."""
 
     def __init__(
         self,
@@ -141,18 +146,10 @@ class MemoryPretrainSamples:
         noise = torch.stack([sample_noise(s, self.grid_size, self.mask_ratio, self.mask_type) for s in seeds])
         return imgs, noise, self.labels[indices]
 
-
-def memory_epoch_batches(
-    samples: MemoryPretrainSamples,
-    batch_size: int,
-    epoch: int,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    skip_batches: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """This process's full batches of one epoch, in :func:`mpp.sampling.epoch_loader`'s order."""
-    order = epoch_order(len(samples), epoch, rank=rank, world_size=world_size, seed=seed)
-    for start in range(skip_batches * batch_size, len(order) - batch_size + 1, batch_size):
-        yield samples.batch(order[start : start + batch_size], epoch)
+    def epoch_batches(
+        self, batch_size: int, epoch: int, *, rank: int = 0, world_size: int = 1, skip_batches: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This process's full batches of one epoch, in :class:`mpp.data.sampling.EpochLoader`'s order."""
+        order = epoch_order(len(self), epoch, rank=rank, world_size=world_size, seed=self.seed)
+        for start in range(skip_batches * batch_size, len(order) - batch_size + 1, batch_size):
+            yield self.batch(order[start : start + batch_size], epoch)

@@ -33,8 +33,9 @@ INDEX = "index.json"
 FORMAT = "mpp.shards.v1"
 
 
-def write_shards(src: str | Path, out: str | Path, shard_size: int = 10_000, in_chans: int = 3,
-                 split: str = "train") -> Path:  # fmt: skip
+def write_shards(
+    src: str | Path, out: str | Path, shard_size: int = 10_000, in_chans: int = 3, split: str = "train"
+) -> Path:
     """Pack the images of folder ``src`` (its ``split`` sub-folder if there is one) into tar shards in ``out``.
 
     Args:
@@ -68,11 +69,18 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10_000, in_
                     tar.addfile(info, handle)
         with tarfile.open(out / name, "r") as tar:  # where each member's bytes start, as the tar module reads them
             offsets = [(m.offset_data, m.size) for m in tar.getmembers()]
-        items = [[offset, size, folder.targets[index], folder.paths[index].relative_to(folder.root).as_posix()]
-                 for (offset, size), index in zip(offsets, members, strict=True)]  # fmt: skip
+        items = [
+            [offset, size, folder.targets[index], folder.paths[index].relative_to(folder.root).as_posix()]
+            for (offset, size), index in zip(offsets, members, strict=True)
+        ]
         shards.append({"file": name, "items": items})
-    index = {"format": FORMAT, "classes": folder.classes, "in_chans": in_chans, "source": str(folder.root),
-             "shards": shards}  # fmt: skip
+    index = {
+        "format": FORMAT,
+        "classes": folder.classes,
+        "in_chans": in_chans,
+        "source": str(folder.root),
+        "shards": shards,
+    }
     (out / "skipped_files.txt").write_text(
         "path\twhen\treason\n"
         + "".join(
@@ -97,8 +105,9 @@ class TarShards(ImageDataset):
         ValueError: the index is not an mpp shard index.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, transform: Callable[[Any], Any] | None = None,
-                 in_chans: int = 3) -> None:  # fmt: skip
+    def __init__(
+        self, root: str | os.PathLike, split: str, transform: Callable[[Any], Any] | None = None, in_chans: int = 3
+    ) -> None:
         super().__init__(transform, in_chans)
         base = Path(root).expanduser()
         self.root = base / split if (base / split / INDEX).is_file() else base

@@ -32,7 +32,7 @@ from datasets.distributed import split_dataset_by_node
 
 from mpp.data.base import ImageDataset
 from mpp.data.hf import decode_cell, open_hf
-from mpp.sampling import mix_seed, sample_noise
+from mpp.data.sampling import mix_seed, sample_noise
 
 logger = logging.getLogger(__name__)
 

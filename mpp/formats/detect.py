@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from mpp.formats.hf import hf_to_mpp, is_hf_state, read_hf_dir
+from mpp.formats.native import FORMAT as ENCODER_FORMAT
+from mpp.formats.native import MAE_FORMAT
 from mpp.formats.official import check_known_keys, unwrap_state_dict
 from mpp.formats.safe_load import read_weights_file
 from mpp.formats.timm import hints_from_timm_config, read_timm_config, timm_to_mpp
-from mpp.weights import FORMAT as ENCODER_FORMAT
-from mpp.weights import MAE_FORMAT
 
 FORMATS = ("mpp", "official", "timm", "hf")
 MPP_FILES = ("mae.safetensors", "encoder.safetensors")
@@ -103,13 +103,25 @@ def _timm_like(
 
 
 def _read_mpp_file(path: Path, state: dict[str, torch.Tensor]) -> Source:
-    from mpp.weights import read_metadata
+    from mpp.formats.native import read_metadata
 
     meta = read_metadata(path)
     config = dict(meta.pop("model" if meta.get("format") == MAE_FORMAT else "encoder"))
     for key in ("format", "mpp_version"):
         meta.pop(key, None)
     return Source("mpp", path, dict(state), config=config, metadata=meta)
+
+
+def _newest_training_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete ``checkpoints/step_*`` directory of an mpp run, or ``None``.
+
+    The names are zero-padded step counts (``step_00000120``, a second copy ``step_00000120.1``), so they sort by
+    name; hidden ``.tmp-*`` directories are incomplete checkpoints still being written. Training keeps its own
+    reader (:mod:`mpp.train.checkpoint`); weights only need the newest.
+    """
+    root = run_dir / "checkpoints"
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    return steps[-1] if steps else None
 
 
 def _read_dir(path: Path, fmt: str | None, encoder_only: bool) -> Source:
@@ -127,9 +139,7 @@ def _read_dir(path: Path, fmt: str | None, encoder_only: bool) -> Source:
         if (path / name).is_file() and fmt in (None, "mpp"):
             obj, _ = read_weights_file(path / name)
             return _read_mpp_file(path / name, obj)
-    from mpp.checkpoint import latest_checkpoint
-
-    newest = latest_checkpoint(path)
+    newest = _newest_training_checkpoint(path)
     if newest is not None:  # an mpp run directory without exported weights: its newest complete checkpoint
         path = newest
     for name in TIMM_DIR_FILES:

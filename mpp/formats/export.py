@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from mpp.formats.hf import save_hf
+from mpp.formats.native import save_encoder, save_mae
 from mpp.formats.timm import save_timm
 from mpp.models.mae import MaskedAutoencoder
 from mpp.models.vit import ViTEncoder
-from mpp.weights import save_encoder, save_mae
 
 TARGETS = ("mpp", "timm", "hf")
 # Metadata an export records when known (mpp files keep all of it; timm and HF configs take mean and std).

@@ -325,11 +325,16 @@ def save_hf(
     save_file(hf_state, str(written[1]), metadata={"format": "pt"})
     if mean is not None and std is not None:
         processor = {
-            "image_processor_type": "ViTImageProcessor", "do_resize": True,
-            "size": {"height": model.img_size[0], "width": model.img_size[1]}, "resample": 3,
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(mean), "image_std": list(std),
-        }  # fmt: skip
+            "image_processor_type": "ViTImageProcessor",
+            "do_resize": True,
+            "size": {"height": model.img_size[0], "width": model.img_size[1]},
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(mean),
+            "image_std": list(std),
+        }
         written.append(dst / "preprocessor_config.json")
         written[-1].write_text(json.dumps(processor, indent=2) + "\n")
     return written

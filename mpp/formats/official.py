@@ -28,9 +28,11 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 _BLOCK = r"(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
 MPP_KEY = re.compile(
-    r"cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|blocks\.\d+\." + _BLOCK
-    + r"|mask_token|decoder_pos_embed|decoder_(embed|norm|pred)\.(weight|bias)|decoder_blocks\.\d+\." + _BLOCK
-)  # fmt: skip
+    r"cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|blocks\.\d+\."
+    + _BLOCK
+    + r"|mask_token|decoder_pos_embed|decoder_(embed|norm|pred)\.(weight|bias)|decoder_blocks\.\d+\."
+    + _BLOCK
+)
 
 
 def default_num_heads(embed_dim: int) -> int:
@@ -152,9 +154,14 @@ def infer_config(
     class_token = "cls_token" in state
     prefix = int(class_token)
     config: dict[str, Any] = {
-        "patch_size": patch_h, "in_chans": in_chans, "embed_dim": embed_dim, "depth": depth,
-        "mlp_ratio": mlp_ratio, "class_token": class_token, "global_pool": "token" if class_token else "avg",
-    }  # fmt: skip
+        "patch_size": patch_h,
+        "in_chans": in_chans,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "mlp_ratio": mlp_ratio,
+        "class_token": class_token,
+        "global_pool": "token" if class_token else "avg",
+    }
     if "pos_embed" in state:
         num_patches = state["pos_embed"].shape[-2] - prefix
         config["img_size"] = overrides.get("img_size") or grid_from_rows(num_patches, patch_h, source)

@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from mpp.formats.native import unreadable_safetensors
 from mpp.runtime import first_line
-from mpp.weights import unreadable_safetensors
 
 SAFE_GLOBALS = [argparse.Namespace]
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -33,11 +33,22 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # paths in arguments). A file refused only because of these is very likely harmless and the message says so; it is
 # still not unpickled. Exact names, not module prefixes: "pathlib.Path.touch" must not pass for data.
 _DATA_ONLY_GLOBALS = {
-    "numpy.dtype", "numpy.ndarray", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "_codecs.encode",
-    "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib._local.PosixPath",
-    "pathlib._local.WindowsPath", "collections.defaultdict", "datetime.datetime", "datetime.date",
-}  # fmt: skip
+    "numpy.dtype",
+    "numpy.ndarray",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "_codecs.encode",
+    "pathlib.Path",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "pathlib._local.PosixPath",
+    "pathlib._local.WindowsPath",
+    "collections.defaultdict",
+    "datetime.datetime",
+    "datetime.date",
+}
 
 
 def safe_torch_load(path: str | Path) -> Any:

@@ -130,10 +130,15 @@ def timm_config(model: ViTEncoder, mean: list[float] | None = None, std: list[fl
     """The timm hub ``config.json`` for exported weights (``timm.create_model("local-dir:DIR", pretrained=True)``)."""
     kwargs = timm_kwargs(model)
     pretrained_cfg: dict[str, Any] = {
-        "input_size": [model.in_chans, *model.img_size], "fixed_input_size": True, "interpolation": "bicubic",
-        "crop_pct": 0.9, "crop_mode": "center", "num_classes": 0, "first_conv": "patch_embed.proj",
+        "input_size": [model.in_chans, *model.img_size],
+        "fixed_input_size": True,
+        "interpolation": "bicubic",
+        "crop_pct": 0.9,
+        "crop_mode": "center",
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj",
         "classifier": "head",
-    }  # fmt: skip
+    }
     if mean is not None and std is not None:
         pretrained_cfg.update(mean=list(mean), std=list(std))
     return {

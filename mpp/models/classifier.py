@@ -55,8 +55,9 @@ class ViTClassifier(nn.Module):
         if pool == "token" and encoder.cls_token is None:
             raise ValueError("global_pool='token' needs an encoder with a cls token; use global_pool='avg'")
         if not 1 <= feature_blocks <= len(encoder.blocks):
-            raise ValueError(f"feature_blocks must be in [1, {len(encoder.blocks)}] (the encoder's blocks), "
-                             f"got {feature_blocks}")  # fmt: skip
+            raise ValueError(
+                f"feature_blocks must be in [1, {len(encoder.blocks)}] (the encoder's blocks), got {feature_blocks}"
+            )
         self.encoder = encoder
         self.global_pool = pool
         self.num_classes = num_classes

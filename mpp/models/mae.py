@@ -14,7 +14,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mpp.masking import MASK_TYPES, make_noise, patchify, random_masking, unpatchify
+from mpp.masking import MASK_TYPES, make_noise, num_kept, patchify, random_masking, unpatchify
 from mpp.models.vit import LayerNorm6, ViTEncoder
 from mpp.pos_embed import sincos_2d
 
@@ -242,6 +242,11 @@ class MaskedAutoencoder(ViTEncoder):
         super().set_grid(img_size)
         table = sincos_2d(self.decoder_embed_dim, self.grid_size, self.num_prefix_tokens).unsqueeze(0)
         self.decoder_pos_embed = nn.Parameter(table.to(self.decoder_pos_embed), requires_grad=False)
+
+    @property
+    def visible_tokens(self) -> int:
+        """Tokens the encoder sees per image while pretraining: the kept patches and the cls token."""
+        return num_kept(self.num_patches, self.mask_ratio) + self.num_prefix_tokens
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder-only weights (no decoder keys), as the official ``mae_pretrain_vit_*`` files."""

@@ -54,10 +54,17 @@ class ViTEncoder(nn.Module):
         super().__init__()
         # Constructor arguments, saved with exported weights so the encoder can be rebuilt without its code path.
         self.encoder_config = {
-            "img_size": list(to_2tuple(img_size)), "patch_size": patch_size, "in_chans": in_chans,
-            "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
-            "class_token": class_token, "global_pool": global_pool, "pos_embed": pos_embed,
-        }  # fmt: skip
+            "img_size": list(to_2tuple(img_size)),
+            "patch_size": patch_size,
+            "in_chans": in_chans,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "class_token": class_token,
+            "global_pool": global_pool,
+            "pos_embed": pos_embed,
+        }
         if global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
         if global_pool == "token" and not class_token:

@@ -1,0 +1,172 @@
+"""The pretraining config (``mpp pretrain``): model, data, optimiser, monitor, and the run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpp.config.core import (
+    ScheduleConfig,
+    SourceConfig,
+    check,
+    check_precision,
+    check_schedule,
+    check_source,
+)
+
+
+@dataclass
+class ModelConfig:
+    """Which MAE to build. ``name`` is a registry variant; other fields override it when set."""
+
+    name: str = "mae_vit_tiny_patch4"
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75
+    mask_type: str = "random"
+    drop_path_rate: float = 0.0
+    global_pool: str = "token"
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """Pretraining images: the source, the split, and their augmentation."""
+
+    split: str = "train"
+    crop_scale_min: float = 0.2
+    hflip: bool = True
+    limit: int | None = None
+    # Decode every image once and augment whole batches in the training process (mpp.data.memory); None: on for the
+    # sources that are arrays in memory anyway (fashion-mnist, synthetic), off for files.
+    in_memory: bool | None = None
+    # source=hf only: read the split as a stream (mpp.data.stream) instead of downloading/opening it whole.
+    streaming: bool = False
+    stream_length: int | None = None  # images in the split, when the dataset's metadata does not say
+    shuffle_buffer: int = 10_000
+    stream_threads: int = 4  # image decoding threads
+
+
+@dataclass
+class OptimConfig(ScheduleConfig):
+    """Pretraining optimiser and schedule, as the paper: AdamW (0.9, 0.95), ``lr = blr * effective_batch / 256``."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    fused: bool | None = None  # fused AdamW kernel; None: on with CUDA
+    clip_grad: float | None = None
+
+
+@dataclass
+class MonitorConfig:
+    """The online kNN monitor (:mod:`mpp.train.monitor`): kNN top-1 on a labelled subset of the *training* split.
+
+    ``samples`` images are drawn once (seeded); ``query_fraction`` of them are queries, the rest the memory bank. A
+    reading is taken at the start (random init) and every ``every_epochs`` epochs; it is skipped with a note when the
+    data has no labels.
+    """
+
+    enabled: bool = True
+    every_epochs: int = 1
+    samples: int = 5000
+    query_fraction: float = 0.2
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 500
+
+
+@dataclass
+class PretrainConfig:
+    """A whole pretraining run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    mixed_precision: str = "auto"
+    compile: bool | None = None  # torch.compile the model; None: on with CUDA (a failure falls back with a note)
+    compile_backend: str = "inductor"
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (mpp.train.fsdp)
+    cpu: bool = False
+    log_every: int = 10
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    stop_at_step: int | None = None
+    viz_samples: int = 8
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` on the first impossible value."""
+        check_pretrain(self)
+
+
+def validate_model(model: ModelConfig, prefix: str = "model.") -> None:
+    """Impossible model values: unknown variant, ratio outside (0, 1), image not divisible by patch, ..."""
+    from mpp.masking import MASK_TYPES
+    from mpp.models.registry import MODEL_CONFIGS, model_config
+
+    check(
+        model.name in MODEL_CONFIGS,
+        f"{prefix}name",
+        model.name,
+        f"unknown model; valid: {', '.join(sorted(MODEL_CONFIGS))}",
+    )
+    check(0.0 < model.mask_ratio < 1.0, f"{prefix}mask_ratio", model.mask_ratio, "must be strictly between 0 and 1")
+    check(model.mask_type in MASK_TYPES, f"{prefix}mask_type", model.mask_type, f"must be one of {MASK_TYPES}")
+    check(model.global_pool in ("token", "avg"), f"{prefix}global_pool", model.global_pool, "must be token or avg")
+    check(0.0 <= model.drop_path_rate < 1.0, f"{prefix}drop_path_rate", model.drop_path_rate, "must be in [0, 1)")
+    resolved = model_config(model.name, **model_overrides(model))
+    img, patch = resolved.get("img_size", 224), resolved["patch_size"]
+    check(patch > 0, f"{prefix}patch_size", patch, "must be positive")
+    check(
+        img > 0 and img % patch == 0, f"{prefix}img_size", img, f"must be a positive multiple of the patch size {patch}"
+    )
+    if model.in_chans is not None:
+        check(model.in_chans > 0, f"{prefix}in_chans", model.in_chans, "must be positive")
+
+
+def model_overrides(model: ModelConfig) -> dict[str, Any]:
+    """Constructor overrides of the registry variant given by a :class:`ModelConfig`."""
+    out: dict[str, Any] = {
+        "norm_pix_loss": model.norm_pix_loss,
+        "mask_ratio": model.mask_ratio,
+        "mask_type": model.mask_type,
+        "drop_path_rate": model.drop_path_rate,
+        "global_pool": model.global_pool,
+    }
+    for key in ("img_size", "patch_size", "in_chans"):
+        if getattr(model, key) is not None:
+            out[key] = getattr(model, key)
+    return out
+
+
+def check_pretrain(config: PretrainConfig) -> None:
+    """Every impossible value of a pretraining config."""
+    validate_model(config.model)
+    d = config.data
+    check_source(d)
+    check(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", d.crop_scale_min, "must be in (0, 1]")
+    check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
+    if d.streaming:
+        check(d.source == "hf", "data.streaming", d.streaming, f"needs data.source=hf, not {d.source}")
+        check(not d.in_memory, "data.in_memory", d.in_memory, "cannot hold a stream; leave it unset with streaming")
+        check(d.limit is None, "data.limit", d.limit, "is not supported with streaming (use data.stream_length)")
+        check(d.stream_length is None or d.stream_length > 0, "data.stream_length", d.stream_length, "must be positive")
+        check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
+        check(d.stream_threads >= 1, "data.stream_threads", d.stream_threads, "must be >= 1")
+    check_schedule(config.optim, "optim.")
+    m = config.monitor
+    check(m.every_epochs > 0, "monitor.every_epochs", m.every_epochs, "must be positive")
+    check(m.samples >= 2, "monitor.samples", m.samples, "must be at least 2 (a bank and a query)")
+    check(0 < m.query_fraction < 1, "monitor.query_fraction", m.query_fraction, "must be strictly between 0 and 1")
+    check(m.k > 0, "monitor.k", m.k, "must be positive")
+    check(m.temperature > 0, "monitor.temperature", m.temperature, "must be positive")
+    check(m.batch_size > 0, "monitor.batch_size", m.batch_size, "must be positive")
+    check_precision(config.mixed_precision)
+    check(config.log_every > 0, "log_every", config.log_every, "must be positive")
+    check(config.keep_checkpoints > 0, "keep_checkpoints", config.keep_checkpoints, "must be positive")
+    check(
+        config.stop_at_step is None or config.stop_at_step > 0, "stop_at_step", config.stop_at_step, "must be positive"
+    )

@@ -1,0 +1,277 @@
+"""Typed configs of the evaluation stages (kNN, linear probe, fine-tuning, evaluate), built like pretraining's.
+
+Defaults follow the MAE paper's protocols (linear probe: LARS, blr 0.1, 90 epochs, warmup 10, cls token; fine-tuning:
+the ViT-B recipe); recipes state what differs (data, batch split across GPUs, CPU-sized runs). Loading order is
+defaults -> recipe -> ``key=value`` overrides, and every impossible value is a one-line :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpp.config.core import (
+    ConfigError,
+    ScheduleConfig,
+    SourceConfig,
+    check,
+    check_positive,
+    check_precision,
+    check_schedule,
+    check_source,
+)
+
+PROBE_MODES = ("full", "cached")
+
+
+@dataclass
+class EvalDataConfig(SourceConfig):
+    """Labelled images for evaluation: the source, its train and test splits, evaluation-time settings."""
+
+    train_split: str = "train"
+    test_split: str = "test"
+    crop_pct: float | None = None  # evaluation center crop; the paper's ImageNet runs use 0.875 (256 -> 224)
+    batch_size: int = 256  # feature extraction and evaluation batch
+    test_limit: int | None = None  # a seeded subset of the test split, for quick checks only
+
+
+@dataclass
+class StageConfig:
+    """What every evaluation stage shares: the encoder, the label budget, the data, the run."""
+
+    init: str | None = None  # run dir, encoder.safetensors, checkpoint, or "random"
+    model: str | None = None  # registry variant for init=random
+    global_pool: str | None = None  # token | avg; None: the encoder's own
+    feature_blocks: int = 1  # kNN / probe: concatenate the pooled outputs of the last n blocks (fine-tuning: 1)
+    img_size: int | None = None  # evaluate / fine-tune at another resolution (position table resized)
+    patch_size: int | None = None  # ... or another patch size (patch-embed kernel resampled)
+    labels_per_class: int | None = None
+    label_fraction: float | None = None
+    label_seed: int | None = None  # None: seed
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    output_dir: str | None = None  # None: RUN/<stage>[_<budget>] beside a run's encoder, else runs/<stage>/<name>
+    seed: int = 0
+    cpu: bool = False
+    mixed_precision: str = "auto"
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` on the first impossible value."""
+        check_stage(self)
+
+
+@dataclass
+class KnnSettings:
+    """Weighted cosine kNN (DINO): votes ``exp(sim / temperature)`` of the ``k`` nearest training images."""
+
+    k: int = 20
+    temperature: float = 0.07
+    query_chunk: int = 512  # queries per similarity block: chunk x bank floats in memory
+
+
+@dataclass
+class KnnConfig(StageConfig):
+    """``mpp knn``."""
+
+    knn: KnnSettings = field(default_factory=KnnSettings)
+
+
+@dataclass
+class ProbeSettings(ScheduleConfig):
+    """Linear probe: BatchNorm (no affine) + linear head on frozen features, LARS, warmup + cosine."""
+
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    batch_size: int = 256
+    blr: float = 0.1
+    weight_decay: float = 0.0
+    mode: str = "full"  # full: augmented images through the frozen encoder; cached: features once, lr sweep
+    log_every: int = 10
+    # Cached mode: one head per blr. LARS steps are a fraction (lr x 0.001) of the weight norm, so runs with far fewer
+    # or smaller steps than the paper's (batch 16384, 90 epochs) need a larger blr; the sweep spans that range.
+    blr_sweep: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
+    val_fraction: float = 0.1  # cached mode: held out of the train split to choose the lr
+    momentum: float = 0.9
+    crop_scale_min: float = 0.08
+    hflip: bool = True
+
+
+@dataclass
+class ProbeConfig(StageConfig):
+    """``mpp probe``."""
+
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+
+
+@dataclass
+class FinetuneSettings(ScheduleConfig):
+    """Full fine-tuning, the paper's ViT-B recipe by default (AdamW, layer decay, drop path, RandAug, mixup)."""
+
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    layer_decay: float = 0.65
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    fused: bool | None = None  # fused AdamW kernel; None: on with CUDA
+    clip_grad: float | None = None
+    drop_path_rate: float = 0.1
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    crop_scale_min: float = 0.08
+    hflip: bool = True
+    ema: bool = False
+    ema_decay: float = 0.9999
+    log_every: int = 10
+    save_model: bool = True
+
+
+@dataclass
+class FinetuneConfig(StageConfig):
+    """``mpp finetune``."""
+
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+
+
+@dataclass
+class EvaluateConfig(StageConfig):
+    """``mpp evaluate``: kNN and linear probe (and fine-tuning with ``run_finetune``) on one encoder."""
+
+    knn: KnnSettings = field(default_factory=KnnSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    run_finetune: bool = False
+    # Data-efficiency sweep (mpp.eval.efficiency): labels per class, or "all"; None runs the single budget above.
+    budgets: list[int | str] | int | str | None = None
+    compare_random: bool = True  # with budgets: also run the baseline, to show what pretraining buys
+    scratch_init: str | None = None  # the baseline; None: the encoder's registry variant from random init
+
+    def __post_init__(self) -> None:
+        # The command line gives "1,10,all" as one string, a recipe a list: keep one canonical form either way.
+        self.budgets = parse_budgets(self.budgets)
+
+
+BUDGET_ALL = "all"
+
+
+def parse_budgets(value: Any) -> list[int | str] | None:
+    """The ``budgets`` setting as ascending labels-per-class counts, then ``"all"``, without repeats.
+
+    Args:
+        value: ``None``, a list (``[1, 10, all]`` in YAML), a comma-separated string (``"1,10,100,all"``, as the
+            command line gives it) or one value (``10``, ``"all"``).
+
+    Returns:
+        ``None`` when ``value`` is ``None``, else e.g. ``[1, 10, 100, "all"]``.
+
+    Raises:
+        ConfigError: an item is neither a positive integer nor ``all``, or there is no item at all.
+    """
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, list | tuple) else [value]
+    counts: set[int] = set()
+    whole = False
+    for item in items:
+        text = item.strip() if isinstance(item, str) else item
+        if isinstance(text, str) and text.lower() == BUDGET_ALL:
+            whole = True
+        elif isinstance(text, str) and text.isdigit() and int(text) > 0:
+            counts.add(int(text))
+        elif isinstance(text, int) and not isinstance(text, bool) and text > 0:
+            counts.add(text)
+        else:
+            raise ConfigError(
+                f"budgets={value!r}: {item!r} is not a label budget; give positive labels-per-class "
+                "counts and/or all, e.g. budgets=1,10,100,all"
+            )
+    if not counts and not whole:
+        raise ConfigError(f"budgets={value!r}: no budget given; e.g. budgets=1,10,100,all")
+    return [*sorted(counts), *([BUDGET_ALL] if whole else [])]
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check_schedule(section: Any, prefix: str) -> None:
+    check_schedule(section, prefix)
+    check(0.0 < section.crop_scale_min <= 1.0, f"{prefix}crop_scale_min", section.crop_scale_min, "must be in (0, 1]")
+
+
+def check_stage(config: StageConfig) -> None:
+    """Every impossible value of an evaluation config (one-line :class:`ConfigError` naming the key)."""
+    from mpp.models.registry import MODEL_CONFIGS
+
+    check(
+        bool(config.init),
+        "init",
+        config.init,
+        "is required: a pretraining run dir, an encoder.safetensors, a checkpoint file, or random",
+    )
+    if config.model is not None:
+        check(
+            config.model in MODEL_CONFIGS, "model", config.model, f"unknown; valid: {', '.join(sorted(MODEL_CONFIGS))}"
+        )
+    check(
+        config.init != "random" or config.model is not None,
+        "model",
+        config.model,
+        "init=random needs the architecture: set model=<registry name>, e.g. model=mae_vit_tiny_patch4",
+    )
+    check(config.global_pool in (None, "token", "avg"), "global_pool", config.global_pool, "must be token or avg")
+    check(config.feature_blocks >= 1, "feature_blocks", config.feature_blocks, "must be >= 1")
+    check_positive(config, "", "img_size", "patch_size", "labels_per_class")
+    if config.labels_per_class is not None and config.label_fraction is not None:
+        raise ConfigError("give labels_per_class or label_fraction, not both")
+    budgets = getattr(config, "budgets", None)
+    if budgets and (config.labels_per_class is not None or config.label_fraction is not None):
+        raise ConfigError(
+            f"budgets={budgets!r} sets the label budget of every run: drop labels_per_class and label_fraction"
+        )
+    check(
+        config.label_fraction is None or 0 < config.label_fraction <= 1,
+        "label_fraction",
+        config.label_fraction,
+        "must be in (0, 1]",
+    )
+    check_precision(config.mixed_precision)
+    d = config.data
+    check_source(d)
+    check(d.crop_pct is None or 0 < d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
+    check_positive(d, "data.", "batch_size", "test_limit")
+    knn = getattr(config, "knn", None)
+    if knn is not None:
+        check_positive(knn, "knn.", "k", "temperature", "query_chunk")
+    probe = getattr(config, "probe", None)
+    if probe is not None:
+        check(probe.mode in PROBE_MODES, "probe.mode", probe.mode, f"must be one of {PROBE_MODES}")
+        _check_schedule(probe, "probe.")
+        check(
+            len(probe.blr_sweep) > 0 and all(b > 0 for b in probe.blr_sweep),
+            "probe.blr_sweep",
+            probe.blr_sweep,
+            "must be a non-empty list of positive values",
+        )
+        check(0 < probe.val_fraction < 1, "probe.val_fraction", probe.val_fraction, "must be in (0, 1)")
+        check(0 <= probe.momentum < 1, "probe.momentum", probe.momentum, "must be in [0, 1)")
+    ft = getattr(config, "finetune", None)
+    if ft is not None:
+        _check_schedule(ft, "finetune.")
+        check(0 < ft.layer_decay <= 1, "finetune.layer_decay", ft.layer_decay, "must be in (0, 1]")
+        check(0 <= ft.drop_path_rate < 1, "finetune.drop_path_rate", ft.drop_path_rate, "must be in [0, 1)")
+        check(0 <= ft.smoothing < 1, "finetune.smoothing", ft.smoothing, "must be in [0, 1)")
+        check(ft.mixup >= 0, "finetune.mixup", ft.mixup, "must be >= 0 (0 turns mixup off)")
+        check(ft.cutmix >= 0, "finetune.cutmix", ft.cutmix, "must be >= 0 (0 turns cutmix off)")
+        for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+            check(0 <= getattr(ft, name) <= 1, f"finetune.{name}", getattr(ft, name), "must be in [0, 1]")
+        check(0 < ft.ema_decay < 1, "finetune.ema_decay", ft.ema_decay, "must be in (0, 1)")
+        if ft.rand_augment is not None:
+            check(
+                ft.rand_augment.startswith("rand-"),
+                "finetune.rand_augment",
+                ft.rand_augment,
+                "must be a timm RandAugment string like rand-m9-mstd0.5-inc1, or null",
+            )

@@ -1,0 +1,409 @@
+"""The data-efficiency picture: an encoder against the same architecture from random init, across label budgets.
+
+``mpp evaluate INIT budgets=1,10,100,all`` runs the single-budget evaluation (:func:`mpp.eval.evaluate.run_budget`)
+once per budget, for the encoder (``mae``) and for its baseline (``scratch``: the encoder's registry variant from
+random init, fed the same normalisation at the same resolution; or ``scratch_init``). Every run keeps its own results
+in ``<output>/<mae|scratch>/<budget>``; this module gathers their top-1 into
+
+- ``efficiency.json``: per encoder, per budget: labels per class, labelled train images, top-1 of each protocol;
+- ``efficiency.md``: one row per budget, one column per protocol and encoder, and the gain (MAE - scratch, points);
+- ``efficiency.png``: top-1 against labels per class on a log axis (``all`` at its real per-class count), one colour
+  per protocol, solid = MAE, dashed = scratch. Drawn with PIL like the confusion matrices of :mod:`mpp.eval.report`.
+
+Budgets share labelled images (:mod:`mpp.eval.labels`: a smaller budget is a prefix of a larger one with one seed), and
+both encoders see the same ones, so the curves differ only by the encoder. kNN and cached-probe features are
+extracted once per encoder (:class:`~mpp.eval.features.FeatureCache`). The cached probe is left out at 1 label per
+class: it chooses its lr on a validation split held out of the labelled images, which needs two of them per class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from mpp.config import BUDGET_ALL, ConfigError, EvaluateConfig, to_dict
+from mpp.eval.features import FeatureCache
+from mpp.eval.report import _font, _text_size
+from mpp.eval.session import Session
+from mpp.models.registry import MODEL_CONFIGS
+from mpp.runtime import atomic_write_json, atomic_write_text, check_output_dir, write_config
+
+RunBudget = Callable[[Session, EvaluateConfig, Path, FeatureCache, str | None], Path]
+
+ROLE_NAMES = {"mae": "MAE", "scratch": "scratch"}
+PROTOCOL_NAMES = {"knn": "kNN", "probe": "linear probe", "finetune": "fine-tune", "finetune_ema": "fine-tune (EMA)"}
+# matplotlib's tab10 colours, in its order: familiar to readers of plots.
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+GRID, MINOR_GRID = (210, 210, 210), (236, 236, 236)
+# split_off keeps one image of each class for training, so a validation split needs two labelled images per class.
+CACHED_PROBE_MIN_PER_CLASS = 2
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+def budget_dir(budget: int | str) -> str:
+    """Sub-directory of one budget's run: ``10_per_class`` or ``all``."""
+    return BUDGET_ALL if budget == BUDGET_ALL else f"{budget}_per_class"
+
+
+def single_budget(config: EvaluateConfig, budget: int | str, output_dir: Path) -> EvaluateConfig:
+    """``config`` as the one-budget evaluation the sweep runs for ``budget``, writing into ``output_dir``."""
+    per_class = None if budget == BUDGET_ALL else int(budget)
+    return replace(config, budgets=None, labels_per_class=per_class, label_fraction=None, output_dir=str(output_dir))
+
+
+def check_budgets(session: Session) -> None:
+    """Fail before the first run, not after several, when the largest budget is more than a class has.
+
+    Raises:
+        LabelBudgetError: one line naming the class.
+    """
+    config: EvaluateConfig = session.config  # type: ignore[assignment]
+    largest = max((int(b) for b in config.budgets or [] if b != BUDGET_ALL), default=None)
+    if largest is not None:
+        session.splits(config=single_budget(config, largest, Path(".")))
+
+
+def scratch_config(session: Session) -> EvaluateConfig:
+    """The baseline's config: ``scratch_init``, else the encoder's registry variant from random init.
+
+    A random-init baseline gets the encoder's normalisation, resolution and pooling, so the two see identical inputs
+    and are read out the same way.
+
+    Raises:
+        ConfigError: the encoder does not record its registry variant and ``model`` is not set.
+    """
+    config: EvaluateConfig = session.config  # type: ignore[assignment]
+    encoder, meta = session.encoder, session.meta
+    if config.scratch_init not in (None, "random"):
+        return replace(config, init=config.scratch_init)
+    variant = meta.get("variant") or config.model
+    if variant not in MODEL_CONFIGS:
+        which = f" (its {variant!r} is not one)" if variant else ""
+        raise ConfigError(
+            f"init {config.init!r} records no registry variant{which}: set model=<registry name> for the "
+            "random-init baseline of budgets, or compare_random=false"
+        )
+    img_size, patch = config.img_size or encoder.img_size[0], config.patch_size or encoder.patch_size
+    data = replace(config.data, mean=session.mean, std=session.std)
+    pool = config.global_pool or encoder.global_pool  # a registry variant's own pooling may differ from the run's
+    return replace(
+        config, init="random", model=variant, data=data, img_size=img_size, patch_size=patch, global_pool=pool
+    )
+
+
+def contenders(session: Session) -> list[tuple[str, Session]]:
+    """``[("mae", session), ("scratch", the baseline's session)]``.
+
+    No baseline without ``compare_random``, or when the encoder is a random init already.
+    """
+    config: EvaluateConfig = session.config  # type: ignore[assignment]
+    pairs = [("mae", session)]
+    if not config.compare_random:
+        return pairs
+    if config.init == "random" and config.scratch_init in (None, "random"):
+        session.say("efficiency: init is random already, so there is no separate random-init baseline")
+        return pairs
+    return [*pairs, ("scratch", Session.open(scratch_config(session), "efficiency", run_dir=session.run_dir))]
+
+
+def probe_skip(config: EvaluateConfig, budget: int | str) -> str | None:
+    """Why the probe cannot run at ``budget`` (``None``: it can)."""
+    if config.probe.mode == "cached" and budget != BUDGET_ALL and int(budget) < CACHED_PROBE_MIN_PER_CLASS:
+        return (
+            f"the cached probe chooses its lr on a validation split held out of the labelled images, which needs "
+            f"{CACHED_PROBE_MIN_PER_CLASS} per class; probe.mode=full runs at any budget"
+        )
+    return None
+
+
+def budget_point(budget: int | str, results: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
+    """One budget's line of efficiency.json, from that run's results.json."""
+    labels = results["labels"]
+    return {
+        "budget": budget,
+        # "all" is plotted at its real labels per class (mean over classes when they are unbalanced).
+        "labels_per_class": labels["train_used"] / len(results["classes"]) if budget == BUDGET_ALL else budget,
+        "train_used": labels["train_used"],
+        "top1": {name: entry["top1"] for name, entry in results["protocols"].items()},
+        "skipped": results.get("skipped", {}),
+        "output_dir": str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
+    }
+
+
+def summary_line(role: str, point: dict[str, Any], mae: dict[str, Any] | None) -> str:
+    """One line per run: the budget, top-1 per protocol and, for the baseline, what pretraining gains over it."""
+    budget = point["budget"]
+    where = "all labels" if budget == BUDGET_ALL else f"{budget} per class"
+    parts = []
+    for name, top1 in point["top1"].items():
+        part = f"{name} {top1:.2f}%"
+        reference = (mae or {}).get("top1", {}).get(name)
+        if reference is not None:
+            part += f" (MAE {reference:.2f}%, gain {reference - top1:+.2f})"
+        parts.append(part)
+    parts += [f"{name} skipped" for name in point["skipped"]]
+    return f"efficiency: {ROLE_NAMES[role]}, {where} ({point['train_used']} images): {', '.join(parts)}"
+
+
+def sweep(session: Session, run_budget: RunBudget) -> Path:
+    """Evaluate the encoder and its baseline at every budget; write efficiency.json/.md/.png; the output directory.
+
+    Args:
+        session: the encoder's session; its config has ``budgets``, its run directory takes the sweep.
+        run_budget: the single-budget evaluation (:func:`mpp.eval.evaluate.run_budget`), passed in because it lives in
+            the command module that calls this one.
+    """
+    config: EvaluateConfig = session.config  # type: ignore[assignment]
+    if not config.budgets:
+        raise ConfigError("the efficiency sweep needs budgets, e.g. budgets=1,10,100,all")
+    check_budgets(session)
+    out = session.run_dir
+    if session.main:
+        write_config(out / "config.yaml", to_dict(config))
+    encoders: dict[str, dict[str, Any]] = {}
+    last: dict[str, Any] = {}  # a run's results.json, for what every run shares (data, classes, test size)
+    for role, contender in contenders(session):
+        cache = FeatureCache()  # one per encoder: features are its own
+        for budget in config.budgets:
+            where = check_output_dir(out / role / budget_dir(budget))
+            run_config = single_budget(contender.config, budget, where)  # type: ignore[arg-type]
+            run_dir = run_budget(contender, run_config, where, cache, probe_skip(run_config, budget))
+            if not session.main:
+                continue
+            last = results = json.loads((run_dir / "results.json").read_text())
+            entry = encoders.setdefault(
+                role,
+                {
+                    "init": results["init"],
+                    "variant": results["variant"],
+                    "encoder_desc": results["encoder_desc"],
+                    "results": [],
+                },
+            )
+            point = budget_point(budget, results, run_dir, out)
+            mae = encoders["mae"]["results"][len(entry["results"])] if role != "mae" else None
+            entry["results"].append(point)
+            session.say(summary_line(role, point, mae))
+    if session.main:
+        report = efficiency_report(config, last, encoders)
+        write_efficiency(out, report)
+        session.say(f"efficiency: {out / 'efficiency.md'}, {out / 'efficiency.png'}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ results
+def dataset_name(data: dict[str, Any]) -> str:
+    """The dataset as a reader knows it: the source, or the folder / Hugging Face name it reads."""
+    path = data.get("path")
+    return Path(path).name if data["source"] == "folder" and path else path or data["source"]
+
+
+def efficiency_report(config: EvaluateConfig, results: dict[str, Any], encoders: dict[str, Any]) -> dict[str, Any]:
+    """efficiency.json: what was compared on which data, then every encoder's points."""
+    seen = {p for entry in encoders.values() for point in entry["results"] for p in [*point["top1"], *point["skipped"]]}
+    order = list(PROTOCOL_NAMES)
+    protocols = sorted(seen, key=lambda p: (order.index(p) if p in order else len(order), p))
+    data = {**results["data"], "path": config.data.path}
+    return {
+        "dataset": dataset_name(data),
+        "data": data,
+        "variant": encoders["mae"]["variant"] or config.model or "ViT",
+        "num_classes": len(results["classes"]),
+        "test_size": results["labels"]["test_size"],
+        "label_seed": results["labels"]["label_seed"],
+        "budgets": list(config.budgets or []),
+        "protocols": protocols,
+        "encoders": encoders,
+    }
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _budget_cell(point: dict[str, Any]) -> str:
+    return f"all ({point['labels_per_class']:.4g})" if point["budget"] == BUDGET_ALL else str(point["budget"])
+
+
+def efficiency_markdown(report: dict[str, Any]) -> str:
+    """A table: one row per budget; per protocol, top-1 (%) of each encoder and the gain of MAE over scratch."""
+    encoders = report["encoders"]
+    roles = list(encoders)
+    compare = roles == ["mae", "scratch"]
+    header = ["labels per class", "train images"]
+    for name in report["protocols"]:
+        header += [f"{PROTOCOL_NAMES.get(name, name)} {ROLE_NAMES[r]}" for r in roles]
+        header += [f"{PROTOCOL_NAMES.get(name, name)} gain"] if compare else []
+    lines = [
+        f"# Data efficiency: {report['variant']} on {report['dataset']}",
+        "",
+        *[f"- {ROLE_NAMES[r]}: `{encoders[r]['init']}`, {encoders[r]['encoder_desc']}" for r in roles],
+        "",
+        f"Top-1 accuracy (%) on {report['test_size']} test images"
+        + (", gain = MAE - scratch in points" if compare else "")
+        + f". Labelled images drawn with seed {report['label_seed']}; a smaller budget's are among a larger one's.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+    ]
+    notes: dict[str, str] = {}
+    for i, mae in enumerate(encoders["mae"]["results"]):
+        points = [encoders[r]["results"][i] for r in roles]
+        row = [_budget_cell(mae), str(mae["train_used"])]
+        for name in report["protocols"]:
+            values = [p["top1"].get(name) for p in points]
+            row += [_cell(v) for v in values]
+            if compare:
+                row.append("n/a" if None in values else f"{values[0] - values[1]:+.2f}")
+            for p in points:
+                if name in p["skipped"]:
+                    notes[f"{PROTOCOL_NAMES.get(name, name)} at {_budget_cell(mae)} per class"] = p["skipped"][name]
+        lines.append("| " + " | ".join(row) + " |")
+    if notes:
+        lines += ["", *[f"n/a: {where}: {why}." for where, why in notes.items()]]
+    lines += ["", "![top-1 accuracy against labels per class](efficiency.png)", ""]
+    return "\n".join(lines)
+
+
+def write_efficiency(out: Path, report: dict[str, Any]) -> Path:
+    """Write efficiency.json, efficiency.md and efficiency.png into ``out``; the path of efficiency.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "efficiency.json", report)
+    atomic_write_text(out / "efficiency.md", efficiency_markdown(report))
+    draw_efficiency(report).save(out / "efficiency.png")
+    return out / "efficiency.json"
+
+
+# ------------------------------------------------------------------------------------------------ the plot
+def _axis_range(values: list[float], log: bool) -> tuple[float, float]:
+    """Plotted range of ``values``: log10 of them with a margin, or a 0-100 % range on round numbers."""
+    if log:
+        low, high = math.log10(min(values)), math.log10(max(values))
+        pad = 0.08 * (high - low) if high > low else 0.5
+        return low - pad, high + pad
+    if not values:
+        return 0.0, 100.0
+    low = max(0.0, math.floor((min(values) - 2) / 10) * 10)
+    high = min(100.0, math.ceil((max(values) + 2) / 10) * 10)
+    return (low, high) if high - low >= 10 else (max(0.0, high - 10), max(10.0, high))
+
+
+def _dashed(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], fill: Any, width: int, dash: float) -> None:
+    """A polyline drawn in dashes of length ``dash`` (gaps 0.7 of it), the pattern running on across vertices."""
+    on, phase = True, dash
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        length, done = math.hypot(x1 - x0, y1 - y0), 0.0
+        while done < length:
+            step = min(phase, length - done)
+            if on:
+                t0, t1 = done / length, (done + step) / length
+                draw.line(
+                    [(x0 + (x1 - x0) * t0, y0 + (y1 - y0) * t0), (x0 + (x1 - x0) * t1, y0 + (y1 - y0) * t1)],
+                    fill=fill,
+                    width=width,
+                )
+            done += step
+            phase -= step
+            if phase <= 0:
+                on = not on
+                phase = dash if on else 0.7 * dash
+
+
+def _series_line(
+    draw: ImageDraw.ImageDraw,
+    points: list[tuple[float, float]],
+    colour: Any,
+    scratch: bool,
+    s: int,
+    markers: list[tuple[float, float]] | None = None,
+) -> None:
+    """One encoder's curve of one protocol: solid with filled markers (MAE), dashed with open ones (scratch).
+
+    Markers go on ``points`` unless ``markers`` says where (the legend's sample has one, in its middle).
+    """
+    if scratch:
+        _dashed(draw, points, colour, 3 * s, 9 * s)
+    elif len(points) > 1:
+        draw.line(points, fill=colour, width=3 * s, joint="curve")
+    r = 5 * s
+    for x, y in points if markers is None else markers:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill="white" if scratch else colour, outline=colour, width=2 * s)
+
+
+def _x_ticks(report: dict[str, Any]) -> list[tuple[float, str]]:
+    """``(labels per class, tick label)`` of every budget, ``all`` named as such."""
+    points = report["encoders"]["mae"]["results"]
+    return [(p["labels_per_class"], "all" if p["budget"] == BUDGET_ALL else str(p["budget"])) for p in points]
+
+
+def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560) -> Image.Image:
+    """Top-1 (%) against labels per class (log axis): a colour per protocol, solid MAE, dashed scratch."""
+    s = 2  # drawn at twice the size, then scaled down: PIL draws lines without anti-aliasing
+    img = Image.new("RGB", (width * s, height * s), "white")
+    draw = ImageDraw.Draw(img)
+    title_font, font, small = _font(18 * s), _font(14 * s), _font(12 * s)
+    left, right, top, bottom = 76 * s, (width - 230) * s, 52 * s, (height - 66) * s
+    ticks = _x_ticks(report)
+    curves = [
+        (p, role, [(pt["labels_per_class"], pt["top1"].get(p)) for pt in enc["results"]])
+        for p in report["protocols"]
+        for role, enc in report["encoders"].items()
+    ]
+    ys = [y for _, _, pts in curves for _, y in pts if y is not None]
+    lx0, lx1 = _axis_range([x for x, _ in ticks], log=True)
+    y0, y1 = _axis_range(ys, log=False)
+
+    def px(x: float) -> float:
+        return left + (math.log10(x) - lx0) / (lx1 - lx0) * (right - left)
+
+    def py(y: float) -> float:
+        return bottom - (y - y0) / (y1 - y0) * (bottom - top)
+
+    # Grid: faint decades (the log scale), then a line and a label at every budget and every 10 (or 5) %.
+    for decade in range(math.floor(lx0), math.ceil(lx1) + 1):
+        if lx0 <= decade <= lx1:
+            draw.line([(px(10**decade), top), (px(10**decade), bottom)], fill=MINOR_GRID, width=s)
+    step = 10 if y1 - y0 > 30 else 5
+    for y in range(int(y0), int(y1) + 1, step):
+        draw.line([(left, py(y)), (right, py(y))], fill=GRID, width=s)
+        tw, th = _text_size(draw, str(y), small)
+        draw.text((left - tw - 8 * s, py(y) - th / 2 - 2 * s), str(y), fill="black", font=small)
+    last_label_end = -math.inf
+    for x, label in ticks:
+        draw.line([(px(x), top), (px(x), bottom)], fill=GRID, width=s)
+        tw, _ = _text_size(draw, label, small)
+        if px(x) - tw / 2 > last_label_end + 4 * s:  # budgets too close on the axis: keep the first label
+            draw.text((px(x) - tw / 2, bottom + 8 * s), label, fill="black", font=small)
+            last_label_end = px(x) + tw / 2
+    draw.rectangle([left, top, right, bottom], outline="black", width=s)
+    colours = {p: COLOURS[i % len(COLOURS)] for i, p in enumerate(report["protocols"])}
+    for protocol, role, pts in curves:
+        xy = [(px(x), py(y)) for x, y in pts if y is not None]
+        _series_line(draw, xy, colours[protocol], role != "mae", s)
+    # Legend beside the plot, one entry per curve.
+    lx, ly = right + 20 * s, top
+    for protocol, role, _ in curves:
+        sample, middle = [(lx, ly + 10 * s), (lx + 40 * s, ly + 10 * s)], [(lx + 20 * s, ly + 10 * s)]
+        _series_line(draw, sample, colours[protocol], role != "mae", s, middle)
+        name = f"{PROTOCOL_NAMES.get(protocol, protocol)}, {ROLE_NAMES[role]}"
+        draw.text((lx + 50 * s, ly + 2 * s), name, fill="black", font=small)
+        ly += 26 * s
+    title = f"Data efficiency: {report['variant']} on {report['dataset']}"
+    draw.text((left, 14 * s), title, fill="black", font=title_font)
+    xlabel = "labels per class (log scale)"
+    tw, _ = _text_size(draw, xlabel, font)
+    draw.text(((left + right) / 2 - tw / 2, bottom + 32 * s), xlabel, fill="black", font=font)
+    ylabel = "top-1 accuracy (%)"
+    tw, th = _text_size(draw, ylabel, font)
+    side = Image.new("RGB", (tw + 8 * s, th + 10 * s), "white")
+    ImageDraw.Draw(side).text((4 * s, 2 * s), ylabel, fill="black", font=font)
+    turned = side.rotate(90, expand=True)
+    img.paste(turned, (10 * s, round((top + bottom) / 2 - turned.height / 2)))
+    return img.resize((width, height), Image.Resampling.LANCZOS)

@@ -1,0 +1,126 @@
+"""Label budgets: which training images keep their labels, a pure function of the labels and a seed.
+
+"MAE vs. scratch with 1% of the labels" only compares encoders if both runs see the same labelled images, so the
+subset depends on nothing but ``targets`` and ``seed``: not on the encoder, the transform or the process count.
+Each class is shuffled by its own seeded permutation and the subset is a prefix of it, so with one seed a smaller
+budget is contained in a larger one (10 labels per class are among the 100 per class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mpp.data.sampling import mix_seed
+
+
+class LabelBudgetError(ValueError):
+    """A label budget the data cannot meet (more labels per class than a class has, an empty subset, ...)."""
+
+
+def _by_class(targets: Sequence[int]) -> dict[int, list[int]]:
+    """Indices of each labelled class, in dataset order (label ``-1`` = unlabeled is left out)."""
+    groups: dict[int, list[int]] = {}
+    for index, label in enumerate(targets):
+        if label >= 0:
+            groups.setdefault(int(label), []).append(index)
+    return groups
+
+
+def _shuffled(indices: list[int], seed: int, label: int) -> list[int]:
+    """``indices`` in the seeded order of class ``label`` (independent of the other classes)."""
+    generator = torch.Generator().manual_seed(mix_seed(seed, label))
+    order = torch.randperm(len(indices), generator=generator).tolist()
+    return [indices[i] for i in order]
+
+
+def _fraction_counts(sizes: dict[int, int], fraction: float) -> dict[int, int]:
+    """Per-class counts summing to exactly ``round(fraction * total)``: proportional, largest remainders first."""
+    total = sum(sizes.values())
+    want = min(total, max(1, round(fraction * total)))
+    exact = {c: fraction * n for c, n in sizes.items()}
+    counts = {c: min(n, int(exact[c])) for c, n in sizes.items()}
+    # Ties between equal remainders go to the lower class index, so the result stays a pure function of the input.
+    for c in sorted(sizes, key=lambda c: (-(exact[c] - int(exact[c])), c)):
+        if sum(counts.values()) >= want:
+            break
+        if counts[c] < sizes[c]:
+            counts[c] += 1
+    return counts
+
+
+def label_subset(
+    targets: Sequence[int],
+    *,
+    labels_per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> list[int]:
+    """Indices of the labelled images a run may use, sorted.
+
+    Args:
+        targets: label of every image (``-1`` = unlabeled, never chosen).
+        labels_per_class: exactly this many images of every class.
+        fraction: this fraction of the labelled images (exactly ``round(fraction * N)``, at least 1), split across
+            classes in proportion to their sizes so rare classes keep their share.
+        seed: the subset's seed; the same targets and seed always give the same subset.
+        class_names: names used in error messages.
+
+    Returns:
+        Sorted dataset indices; every labelled index when neither budget is given.
+
+    Raises:
+        LabelBudgetError: both budgets given, a budget out of range, or a class with fewer images than asked for.
+    """
+    if labels_per_class is not None and fraction is not None:
+        raise LabelBudgetError("give labels_per_class or label_fraction, not both")
+    groups = _by_class(targets)
+    if not groups:
+        raise LabelBudgetError("the training split has no labelled images")
+    if labels_per_class is None and fraction is None:
+        return sorted(i for members in groups.values() for i in members)
+    if labels_per_class is not None:
+        if labels_per_class < 1:
+            raise LabelBudgetError(f"labels_per_class must be >= 1, got {labels_per_class}")
+        short = {c: len(m) for c, m in groups.items() if len(m) < labels_per_class}
+        if short:
+            c, n = min(short.items(), key=lambda item: item[1])
+            name = f" ({class_names[c]!r})" if class_names is not None and c < len(class_names) else ""
+            raise LabelBudgetError(
+                f"labels_per_class={labels_per_class} but class {c}{name} has only {n} training images "
+                f"({len(short)} class(es) too small); lower labels_per_class or use label_fraction"
+            )
+        counts = {c: labels_per_class for c in groups}
+    else:
+        assert fraction is not None
+        if not 0.0 < fraction <= 1.0:
+            raise LabelBudgetError(f"label_fraction must be in (0, 1], got {fraction}")
+        counts = _fraction_counts({c: len(m) for c, m in groups.items()}, fraction)
+    chosen = [i for c, members in groups.items() for i in _shuffled(members, seed, c)[: counts[c]]]
+    return sorted(chosen)
+
+
+def split_off(
+    targets: Sequence[int], fraction: float, seed: int, min_per_class: int = 1
+) -> tuple[list[int], list[int]]:
+    """A seeded, class-stratified ``(train, val)`` split of positions ``0..len(targets)-1``.
+
+    Used to carve a validation split out of the (budgeted) training images, never out of the test set. Every class
+    keeps at least ``min_per_class`` training images when it has more than that.
+
+    Returns:
+        ``(train_positions, val_positions)``, both sorted.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise LabelBudgetError(f"validation fraction must be in (0, 1), got {fraction}")
+    groups = _by_class(targets)
+    counts = _fraction_counts({c: len(m) for c, m in groups.items()}, fraction)
+    val: list[int] = []
+    for c, members in groups.items():
+        take = min(counts[c], max(0, len(members) - min_per_class))
+        val += _shuffled(members, mix_seed(seed, 0x7A1), c)[:take]
+    val_set = set(val)
+    train = [i for members in groups.values() for i in members if i not in val_set]
+    return sorted(train), sorted(val)

@@ -1,0 +1,396 @@
+"""``mpp pretrain``: MAE pretraining on a dataset or image folder, from one CPU to many GPUs, exactly resumable.
+
+Usage::
+
+    mpp pretrain --recipe recipes/fmnist_tiny.yaml optim.epochs=20 output_dir=runs/fm
+    mpp pretrain --resume runs/fm                       # continue a stopped run (also automatic)
+    accelerate launch --multi_gpu --num_processes 8 -m mpp pretrain --recipe recipes/mae_vit_base_1600ep.yaml
+
+The run reads its images through :mod:`mpp.data.pretraining`, trains with the engine every stage shares
+(:func:`mpp.train.engine.prepare_run`, :func:`mpp.train.engine.fit`), watches itself with the kNN monitor
+(:mod:`mpp.train.monitor`) and reconstruction pictures, and ends with the encoder file the evaluation stages read.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from mpp.config import ConfigError, PretrainConfig, model_overrides, to_dict
+from mpp.config.command import command_main
+from mpp.data.pretraining import PretrainData, build_pretrain_data
+from mpp.data.skips import SKIPPED_FILES, decode_skips, start_skip_log
+from mpp.formats.native import save_encoder, save_mae
+from mpp.models import MaskedAutoencoder, create_model
+from mpp.runtime import (
+    NonFiniteLossError,
+    check_output_dir,
+    make_accelerator,
+    seed_everything,
+    write_config,
+)
+from mpp.train.checkpoint import Checkpoint, Checkpointer, TrainState, check_resumable, resume_state
+from mpp.train.engine import FitHooks, RunLog, compile_model, fit, prepare_run
+from mpp.train.fsdp import PlainCopy, load_sharded, save_sharded, shard_model
+from mpp.train.monitor import KnnMonitor, MonitorRun, previous_random_reading
+from mpp.train.optim import Schedule, plan_schedule, pretrain_optimizer
+from mpp.viz.reconstruction import save_reconstruction_grid
+
+# Settings that may differ between a run and its resumption without changing the result.
+# The monitor only reads the model (eval mode, no RNG), so its settings are free too.
+# Where the run lives (output_dir) is not a setting: a moved, copied or differently spelled run dir resumes.
+RESUME_FREE_KEYS = {
+    "output_dir",
+    "stop_at_step",
+    "progress",
+    "log_every",
+    "keep_checkpoints",
+    "checkpoint_every_steps",
+    "monitor",
+}
+
+
+def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
+    """The MAE described by ``config.model``."""
+    return create_model(config.model.name, **model_overrides(config.model))
+
+
+def announce(
+    say: Callable[[str], None],
+    config: PretrainConfig,
+    model: MaskedAutoencoder,
+    data: PretrainData,
+    accelerator: Accelerator,
+    schedule: Schedule,
+) -> dict[str, Any]:
+    """Print what the run will do; the derived numbers recorded in config.yaml."""
+    visible = model.visible_tokens
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(
+        f"mpp pretrain: {config.model.name} ({params / 1e6:.2f}M trainable) on {config.data.source} "
+        f"({len(data.samples)} images), {schedule.world} process(es) on {accelerator.device}, "
+        f"precision {accelerator.mixed_precision}"
+    )
+    say(schedule.describe("optim"))
+    say(
+        f"  encoder sees {visible} of {model.num_patches + model.num_prefix_tokens} tokens per image, "
+        f"{visible * schedule.effective_batch} per step"
+    )
+    if data.in_memory:
+        say("  data: decoded once into memory, batches augmented in the training process")
+    else:
+        say(f"  data: {config.data.num_workers} loader worker(s) decoding and augmenting each image")
+    return {
+        "world_size": schedule.world,
+        "effective_batch": schedule.effective_batch,
+        "lr": schedule.lr,
+        "dataset_size": len(data.samples),
+        "steps_per_epoch": schedule.steps_per_epoch,
+        "total_steps": schedule.total_steps,
+        "encoder_tokens_per_step": visible * schedule.effective_batch,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "params": params,
+        "in_memory": data.in_memory,
+    }
+
+
+@dataclass
+class ReconPictures:
+    """A fixed batch of training images and masks, drawn after every epoch and at the end."""
+
+    run_dir: Path
+    imgs: torch.Tensor
+    noise: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, run_dir: Path, data: PretrainData, model: MaskedAutoencoder, count: int, seed: int) -> ReconPictures:
+        """The first ``count`` plain images and seeded masking noise."""
+        imgs = torch.stack([data.plain[i][0] for i in range(min(count, len(data.plain)))])
+        noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(seed))
+        return cls(run_dir, imgs, noise, data.mean, data.std)
+
+    def draw(self, model: MaskedAutoencoder, name: str, device: torch.device) -> Path:
+        """Write ``recon/<name>``."""
+        return save_reconstruction_grid(
+            self.run_dir / "recon" / name, model, self.imgs.to(device), self.mean, self.std, noise=self.noise.to(device)
+        )
+
+
+def open_run(config: PretrainConfig) -> tuple[Path, Checkpoint | None]:
+    """The run directory (created) and the checkpoint an interrupted run there continues from (``None``: fresh)."""
+    run_dir = check_output_dir(Path(config.output_dir))
+    found = resume_state(run_dir)
+    if found is not None:
+        check_resumable(run_dir, config, RESUME_FREE_KEYS, "mpp pretrain --resume")
+    return run_dir, found
+
+
+def run(config: PretrainConfig) -> Path:
+    """Pretrain; returns the run directory. Raises ``NonFiniteLossError`` if the loss diverges."""
+    run_dir, found = open_run(config)
+    seed_everything(config.seed)  # before the model, so its initial weights are the seed's
+    model = build_mae(config)
+    head = max(config.monitor.samples if config.monitor.enabled else 0, config.viz_samples, 1)
+    data = build_pretrain_data(config.data, config.seed, model, head)
+    accelerator = make_accelerator(config.mixed_precision, config.cpu, log_with="tensorboard", project_dir=str(run_dir))
+    say, main = accelerator.print, accelerator.is_main_process
+    schedule = plan_schedule(config.optim, len(data.samples), accelerator.num_processes, "optim")
+    derived = announce(say, config, model, data, accelerator, schedule)
+    if main:
+        write_config(run_dir / "config.yaml", to_dict(config), **derived)
+    if skipped := start_skip_log(data.samples, run_dir, write=main):
+        say(skipped)
+    accelerator.wait_for_everyone()
+
+    model, optimizer, state, view, sharded = start_model(config, model, accelerator, found, schedule.lr)
+    raw: MaskedAutoencoder = accelerator.unwrap_model(model)  # sharded: its attributes only, no forward on one rank
+    if main:
+        accelerator.init_trackers("tensorboard", config=_flat_hparams(to_dict(config)))
+    log = RunLog(accelerator, run_dir, "pretrain")
+    pictures = ReconPictures.of(run_dir, data, raw, config.viz_samples, config.seed)
+    watch = monitor_run(config, data, raw, run_dir, resumed=found is not None, main=main)
+    loss_fn = masked_loss(accelerator)
+    loader_for = data.loader_for(config.data, schedule, accelerator, config.seed)
+    train_model = maybe_compile(config, model, loader_for, state, loss_fn, accelerator)
+
+    start = time.perf_counter()
+    if state.step == 0:
+        shown = view.sync()
+        if main:
+            watch.read(shown, accelerator, 0, 0.0, log, say)  # random init: what every later reading is compared with
+    accelerator.wait_for_everyone()
+
+    checkpointer = make_checkpointer(config, accelerator, run_dir, sharded)
+    hooks = FitHooks(on_epoch_end=epoch_end_hook(view, pictures, watch, log, accelerator))
+    try:
+        finished = fit(
+            accelerator,
+            train_model,
+            optimizer,
+            loss_fn,
+            schedule,
+            state,
+            loader_for,
+            seed=config.seed,
+            log=log,
+            log_every=config.log_every,
+            clip_grad=config.optim.clip_grad,
+            checkpointer=checkpointer,
+            hooks=hooks,
+            stop_at_step=config.stop_at_step,
+            progress=config.progress,
+            bar_extra=watch.bar_extra,
+            say=say,
+        )
+    except NonFiniteLossError:
+        accelerator.end_training()
+        raise
+    finally:
+        log.close()
+    report_session(run_dir, watch, time.perf_counter() - start, say)
+    if finished:
+        shown = view.sync()
+        if main:
+            export_weights(run_dir, shown, config, data, state, pictures, say, accelerator.device)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def start_model(
+    config: PretrainConfig, model: MaskedAutoencoder, accelerator: Accelerator, found: Checkpoint | None, lr: float
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainState, PlainCopy, bool]:
+    """The prepared (or, with ``fsdp``, sharded) model and optimizer restored from ``found``, and its plain view.
+
+    Returns:
+        ``(model, optimizer, state, view, sharded)``: ``view`` is the whole model for pictures and the monitor.
+    """
+    say = accelerator.print
+    sharded = config.fsdp and accelerator.num_processes > 1
+    if config.fsdp and not sharded:
+        say("  fsdp: one process, nothing to shard; the model is trained whole")
+    if found is not None and found.sharded is not None and not sharded:
+        raise ConfigError(f"{found.path} is a sharded (fsdp=true) checkpoint; resume it with fsdp=true on >1 process")
+    if sharded:
+        prepared, optimizer, state, view = prepare_sharded(config, model, accelerator, found, lr)
+    else:
+        o = config.optim
+        optimizer = pretrain_optimizer(model, lr, o.weight_decay, (o.betas[0], o.betas[1]), o.fused)
+        prepared, optimizer, state = prepare_run(accelerator, model, optimizer, found)
+        view = PlainCopy(None, accelerator.unwrap_model(prepared))
+    if found is not None:
+        say(f"  resumed from {found.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    return prepared, optimizer, state, view, sharded
+
+
+def monitor_run(
+    config: PretrainConfig, data: PretrainData, raw: MaskedAutoencoder, run_dir: Path, resumed: bool, main: bool
+) -> MonitorRun:
+    """The kNN monitor of this session (on the main process), with the random-init reading of a resumed run."""
+    return MonitorRun(
+        build_monitor(config, data.plain) if main else None,
+        config.monitor.every_epochs,
+        config.optim.epochs,
+        raw.global_pool if raw.cls_token is not None else "avg",
+        previous_random_reading(run_dir / "metrics.jsonl") if resumed else None,
+    )
+
+
+def make_checkpointer(config: PretrainConfig, accelerator: Accelerator, run_dir: Path, sharded: bool) -> Checkpointer:
+    """Whole-model checkpoints every epoch (and ``checkpoint_every_steps``), or FSDP's sharded ones."""
+
+    def write_shards(m: torch.nn.Module, opt: torch.optim.Optimizer, trainer: dict[str, Any]) -> Path | None:
+        return save_sharded(accelerator, run_dir, m, opt, trainer, config.keep_checkpoints)
+
+    writer = write_shards if sharded else None
+    return Checkpointer(accelerator, run_dir, config.keep_checkpoints, config.checkpoint_every_steps, writer=writer)
+
+
+def masked_loss(accelerator: Accelerator) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+    """The engine's ``loss_fn``: the MAE loss of a batch ``(images, noise, labels)`` with its pre-drawn masks."""
+    device = accelerator.device
+
+    def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
+        imgs, noise, _ = batch
+        return m(imgs.to(device, non_blocking=True), noise=noise.to(device, non_blocking=True)).loss
+
+    return loss_fn
+
+
+def maybe_compile(
+    config: PretrainConfig,
+    model: torch.nn.Module,
+    loader_for: Callable[[int, int], Iterable[Any]],
+    state: TrainState,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    accelerator: Accelerator,
+) -> torch.nn.Module:
+    """``torch.compile`` (on by default with CUDA) after a trial step on the epoch's first batch, else ``model``."""
+    if not (config.compile or (config.compile is None and accelerator.device.type == "cuda")):
+        return model
+    first = next(iter(loader_for(state.epoch, 0)))  # any full batch will do; an epoch's first always exists
+
+    def trial(m: torch.nn.Module) -> torch.Tensor:
+        with accelerator.autocast():  # the precision the steps will run in, so the graph is reused
+            return loss_fn(m, first)
+
+    return compile_model(model, trial, config.compile_backend, accelerator.print)
+
+
+def epoch_end_hook(
+    view: PlainCopy, pictures: ReconPictures, watch: MonitorRun, log: RunLog, accelerator: Accelerator
+) -> Callable[[TrainState], None]:
+    """After every pass over an epoch: the reconstruction picture and, when due, a monitor reading."""
+
+    def on_epoch_end(state: TrainState) -> None:
+        shown = view.sync()
+        if accelerator.is_main_process:
+            pictures.draw(shown, f"epoch_{state.epoch:03d}.png", accelerator.device)
+            if state.batch_in_epoch == 0 and watch.due(state.epoch):
+                watch.read(shown, accelerator, state.step, float(state.epoch), log, accelerator.print)
+        accelerator.wait_for_everyone()
+
+    return on_epoch_end
+
+
+def report_session(run_dir: Path, watch: MonitorRun, elapsed: float, say: Callable[[str], None]) -> None:
+    """What the monitor cost this session, and how many images failed to decode."""
+    if watch.monitor is not None:
+        say(
+            f"  kNN monitor: {watch.seconds:.0f} s of this session's {elapsed:.0f} s "
+            f"({100 * watch.seconds / max(elapsed, 1e-9):.1f}%)"
+        )
+    if broken := decode_skips(run_dir):
+        say(
+            f"  {len(broken)} images failed to decode while training (each replaced by the next readable one); "
+            f"listed in {run_dir / SKIPPED_FILES}"
+        )
+
+
+def prepare_sharded(
+    config: PretrainConfig, model: MaskedAutoencoder, accelerator: Accelerator, found: Checkpoint | None, lr: float
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainState, PlainCopy]:
+    """FSDP: keep a plain copy on the main process, shard, build the optimizer, load a sharded checkpoint if any."""
+    if found is not None and found.sharded is None:
+        raise ConfigError(f"{found.path} is a whole-model checkpoint; fsdp=true resumes from its own sharded ones")
+    plain = copy.deepcopy(model).to(accelerator.device) if accelerator.is_main_process else None
+    model = shard_model(model, accelerator.device)
+    local = sum(p.to_local().numel() for p in model.parameters())  # DTensor shards: this process's part
+    accelerator.print(
+        f"  fsdp: weights, gradients and AdamW state sharded over {accelerator.num_processes} "
+        f"processes ({local:,} parameters on the main process)"
+    )
+    o = config.optim
+    optimizer = pretrain_optimizer(model, lr, o.weight_decay, (o.betas[0], o.betas[1]), o.fused)
+    state = TrainState()
+    if found is not None:
+        load_sharded(model, optimizer, found.sharded)  # type: ignore[arg-type]
+        state = TrainState.from_dict(found.trainer_state)
+    return model, accelerator.prepare(optimizer), state, PlainCopy(model, plain)
+
+
+def export_weights(
+    run_dir: Path,
+    model: MaskedAutoencoder,
+    config: PretrainConfig,
+    data: PretrainData,
+    state: TrainState,
+    pictures: ReconPictures,
+    say: Callable[[str], None],
+    device: torch.device,
+) -> None:
+    """The finished run's encoder and whole MAE as safetensors with their metadata, and the final picture."""
+    facts = {
+        "variant": config.model.name,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "source": config.data.source,
+        "norm_pix_loss": model.norm_pix_loss,
+        "epochs": config.optim.epochs,
+        "steps": state.step,
+    }
+    save_encoder(model, run_dir / "encoder.safetensors", **facts)
+    save_mae(model, run_dir / "mae.safetensors", **facts)  # whole model: reconstructions, more pretraining
+    final = pictures.draw(model, "final.png", device)
+    say(f"done: {state.step} steps. encoder: {run_dir / 'encoder.safetensors'}; reconstructions: {final}")
+
+
+def build_monitor(config: PretrainConfig, eval_set: Any) -> KnnMonitor | None:
+    """The kNN monitor on a seeded subset of the training split (``eval_set``), or None (disabled / no labels)."""
+    m = config.monitor
+    if not m.enabled:
+        return None
+    monitor = KnnMonitor.from_dataset(
+        eval_set, m.samples, m.query_fraction, config.seed, k=m.k, temperature=m.temperature, batch_size=m.batch_size
+    )
+    if monitor is None:
+        print(f"mpp pretrain: note: kNN monitor off, {config.data.source} split {config.data.split!r} has no labels")
+    return monitor
+
+
+def _flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TensorBoard hparams take scalars only: flatten sections and stringify lists and None."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat_hparams(value, f"{prefix}{key}."))
+        elif isinstance(value, bool | int | float | str):
+            out[f"{prefix}{key}"] = value
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mpp pretrain``."""
+    return command_main("mpp pretrain", PretrainConfig, "MAE pretraining.", run, argv, takes_init=False)

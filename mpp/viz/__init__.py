@@ -1,0 +1,1 @@
+"""Pictures of what an encoder learned: reconstructions, attention, position tables, PCA; ``mpp visualize``."""

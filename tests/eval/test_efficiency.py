@@ -1,0 +1,182 @@
+"""The data-efficiency sweep of ``mpp evaluate budgets=...``: budget parsing, the efficiency files, the random-init
+baseline, the feature cache, and single-budget evaluation left as it was."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+from PIL import Image
+
+import mpp
+from mpp.cli import main as cli_main
+from mpp.config import ConfigError, EvaluateConfig, build_config
+from mpp.config.stages import parse_budgets
+from mpp.data.transforms import eval_transform
+from mpp.eval.efficiency import COLOURS
+from mpp.eval.features import FeatureCache, extract_split_features
+from mpp.eval.session import build_splits, open_encoder
+from mpp.formats.native import save_encoder
+from mpp.models.classifier import ViTClassifier
+
+MICRO = "mae_vit_micro_patch4"  # 64-d, 2 blocks, 28x28 grey
+RANDOM = ["init=random", f"model={MICRO}"]
+# 64 synthetic images of 4 balanced classes: 16 per class, so budgets=1,4,all ends at 16 labels per class.
+SYNTH = ["data.source=synthetic", "data.synthetic_size=64", "data.num_workers=0", "data.batch_size=64",
+         "progress=false", "probe.mode=cached", "probe.epochs=2", "probe.warmup_epochs=1",
+         "probe.blr_sweep=[0.1,1.0]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pretrained")
+    # avg pooling, unlike the registry variant's default (token): the baseline must follow the run, not the registry
+    encoder = mpp.create_model(MICRO, global_pool="avg")
+    save_encoder(encoder, run / "encoder.safetensors", variant=MICRO, mean=[0.34], std=[0.22])
+    return run
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, encoder_run):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    out = tmp_path_factory.mktemp("sweep")
+    assert cli_main(["evaluate", str(encoder_run), *SYNTH, "budgets=1,4,all", f"output_dir={out}"]) == 0
+    # Module-scoped, so conftest's per-test reset of accelerate's singletons does not cover it.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("1,10,100,all", [1, 10, 100, "all"]),
+        ("[1, 10, all]", [1, 10, "all"]),
+        ("10", [10]),
+        ("all", ["all"]),
+        (" 4 , 2,ALL,2", [2, 4, "all"]),  # sorted, repeats dropped, any case
+    ],
+)
+def test_budgets_from_the_command_line(given, expected):
+    config = build_config(EvaluateConfig, None, [*RANDOM, f"budgets={given}"])
+    assert config.budgets == expected
+
+
+def test_budgets_from_a_recipe_list(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("budgets: [100, 1, all]\n")
+    assert build_config(EvaluateConfig, recipe, RANDOM).budgets == [1, 100, "all"]
+    assert build_config(EvaluateConfig, None, RANDOM).budgets is None  # unset by default
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [("0", "0"), ("1,x", "'1,x'"), ("-3", "-3"), ("[]", "[]"), ("1.5", "1.5"), ("true", "True"), ("[1, 2.5]", "2.5")],
+)
+def test_bad_budgets_name_the_key_and_value(given, shown):
+    with pytest.raises(ConfigError, match="budgets") as err:
+        build_config(EvaluateConfig, None, [*RANDOM, f"budgets={given}"])
+    assert shown in str(err.value) and "\n" not in str(err.value)
+
+
+def test_budgets_exclude_a_single_budget():
+    with pytest.raises(ConfigError, match="budgets=.*drop labels_per_class"):
+        build_config(EvaluateConfig, None, [*RANDOM, "budgets=1,10", "labels_per_class=5"])
+    assert parse_budgets(None) is None
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+def test_sweep_writes_one_entry_per_budget_per_encoder(sweep_dir):
+    report = json.loads((sweep_dir / "efficiency.json").read_text())
+    assert report["budgets"] == [1, 4, "all"] and report["protocols"] == ["knn", "probe"]
+    assert report["variant"] == MICRO and report["dataset"] == "synthetic" and report["num_classes"] == 4
+    assert set(report["encoders"]) == {"mae", "scratch"}
+    for role, entry in report["encoders"].items():
+        points = entry["results"]
+        assert [p["budget"] for p in points] == [1, 4, "all"]
+        assert [p["train_used"] for p in points] == [4, 16, 64]
+        assert [p["labels_per_class"] for p in points] == [1, 4, 16]  # "all" at its real per-class count
+        assert [p["output_dir"] for p in points] == [f"{role}/1_per_class", f"{role}/4_per_class", f"{role}/all"]
+        # The cached probe cannot hold out a validation split from one image per class: left out, with the reason.
+        assert set(points[0]["top1"]) == {"knn"} and "validation split" in points[0]["skipped"]["probe"]
+        assert all(set(p["top1"]) == {"knn", "probe"} and not p["skipped"] for p in points[1:])
+        for p in points:
+            run = json.loads((sweep_dir / p["output_dir"] / "results.json").read_text())
+            assert p["top1"] == {name: e["top1"] for name, e in run["protocols"].items()}
+
+
+def test_sweep_table_and_plot(sweep_dir):
+    table = (sweep_dir / "efficiency.md").read_text()
+    assert "| kNN MAE | kNN scratch | kNN gain | linear probe MAE | linear probe scratch | linear probe gain |" in table
+    rows = [line for line in table.splitlines() if line.startswith(("| 1 |", "| 4 |", "| all (16) |"))]
+    assert len(rows) == 3 and "n/a" in rows[0] and "n/a" not in rows[1]
+    assert "efficiency.png" in table
+    with Image.open(sweep_dir / "efficiency.png") as img:
+        img.verify()
+    with Image.open(sweep_dir / "efficiency.png") as img:
+        assert img.format == "PNG" and img.size == (960, 560)
+        colours = {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 20)}
+    assert COLOURS[0] in colours and COLOURS[1] in colours  # a kNN and a probe curve were drawn
+
+
+def test_random_baseline_has_the_encoders_variant_and_inputs(sweep_dir):
+    results = json.loads((sweep_dir / "scratch/4_per_class/results.json").read_text())
+    assert results["init"] == "random" and results["variant"] == MICRO
+    assert results["global_pool"] == "avg"  # read out like the pretrained encoder
+    config = yaml.safe_load((sweep_dir / "scratch/4_per_class/config.yaml").read_text())
+    assert config["init"] == "random" and config["model"] == MICRO and config["budgets"] is None
+    assert config["data"]["mean"] == [0.34] and config["data"]["std"] == [0.22]  # the encoder's normalisation
+    assert yaml.safe_load((sweep_dir / "mae/4_per_class/config.yaml").read_text())["labels_per_class"] == 4
+
+
+def test_sweep_matches_single_budget_runs_and_single_budget_is_unchanged(tmp_path, encoder_run, sweep_dir):
+    out = tmp_path / "single"
+    assert cli_main(["evaluate", str(encoder_run), *SYNTH, "labels_per_class=4", f"output_dir={out}"]) == 0
+    assert not list(out.glob("efficiency*")) and not (out / "mae").exists()
+    single = json.loads((out / "results.json").read_text())
+    assert set(single["protocols"]) == {"knn", "probe"} and "skipped" not in single
+    swept = json.loads((sweep_dir / "mae/4_per_class/results.json").read_text())
+    # Cached features sliced to the budget give the kNN of features extracted for the budget alone.
+    assert swept["protocols"]["knn"]["top1"] == single["protocols"]["knn"]["top1"]
+    assert swept["labels"] == single["labels"]
+
+
+def test_feature_cache_slices_like_extraction():
+    config = build_config(EvaluateConfig, None, [f"model={MICRO}", *SYNTH], init="random")
+    encoder, _ = open_encoder(config)
+    tf = eval_transform(encoder.img_size, [0.5], [0.5])
+    classifier = ViTClassifier(encoder, 4, head_bn=True)
+    accelerator = Accelerator(cpu=True)
+    cache = FeatureCache()
+    for per_class in (2, 5):  # the first call fills the cache, the second only slices it
+        splits = build_splits(build_config(EvaluateConfig, None, [f"model={MICRO}", *SYNTH,
+                              f"labels_per_class={per_class}"], init="random"), encoder, tf, tf)  # fmt: skip
+        cached = cache.features(classifier, splits, accelerator, 16, 0, False)
+        direct = extract_split_features(classifier, splits, accelerator, 16, 0, False)
+        assert cached[0].shape == (4 * per_class, 64)
+        for a, b in zip(cached, direct, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_no_baseline_and_unknown_variant(tmp_path, encoder_run, capsys):
+    out = tmp_path / "alone"
+    args = ["evaluate", str(encoder_run), *SYNTH, "budgets=all", "compare_random=false", f"output_dir={out}"]
+    assert cli_main(args) == 0
+    report = json.loads((out / "efficiency.json").read_text())
+    assert list(report["encoders"]) == ["mae"] and "kNN gain" not in (out / "efficiency.md").read_text()
+    anonymous = tmp_path / "anonymous"
+    save_encoder(mpp.create_model(MICRO), anonymous / "encoder.safetensors")  # no variant recorded
+    assert cli_main(["evaluate", str(anonymous), *SYNTH, "budgets=4", f"output_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model=<registry name>" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()  # refused before any run
+
+
+def test_too_large_a_budget_fails_before_the_first_run(tmp_path, encoder_run, capsys):
+    out = tmp_path / "big"
+    assert cli_main(["evaluate", str(encoder_run), *SYNTH, "budgets=1,1000", f"output_dir={out}"]) == 2
+    assert "labels_per_class=1000" in capsys.readouterr().err and not out.exists()

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pretrain import TINY, final_weights, tiny_config
+from pretrain_runs import TINY, final_weights, tiny_config
 
-from mpp import pretrain
+import mpp.train.pretrain as pretrain
 from mpp.config import ConfigError, PretrainConfig, build_config
 from mpp.data.stream import StreamPretrainSamples, open_stream, stream_length
 from mpp.data.transforms import pretrain_transform

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pretrain_runs import TINY, final_weights, tiny_config
 from safetensors.torch import load_file
-from test_pretrain import TINY, final_weights, tiny_config
 
-from mpp import pretrain
+import mpp.train.pretrain as pretrain
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COMMON = [*TINY, "optim.epochs=2", "optim.batch_size=4", "model.drop_path_rate=0.0", "monitor.samples=32"]

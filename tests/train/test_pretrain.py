@@ -7,35 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pretrain_runs import TINY, final_weights, load_checkpoint, tiny_config
 from safetensors.torch import load_file
 
 import mpp.train.pretrain as pretrain
 from mpp.config import ConfigError, PretrainConfig, build_config
 from mpp.config.command import parse_command_line, resolve_command_config
 from mpp.formats.native import load_encoder
-from mpp.train.checkpoint import latest_checkpoint, read_checkpoint
+from mpp.train.checkpoint import latest_checkpoint
+
 
 # A tiny, fast run: micro model, 64 synthetic images, batch 8 -> 8 steps per epoch.
-TINY = [
-    "model.name=mae_vit_micro_patch4", "data.source=synthetic", "data.synthetic_size=64", "data.num_workers=0",
-    "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=1", "optim.blr=1e-3", "mixed_precision=fp32",
-    "progress=false", "log_every=1", "viz_samples=4",
-]  # fmt: skip
-
-
-def tiny_config(out: Path, *extra: str) -> PretrainConfig:
-    return build_config(PretrainConfig, None, [*TINY, f"output_dir={out}", *extra])
-
-
-def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
-    found = read_checkpoint(path)
-    return found.model_state, found.optimizer_state, found.trainer_state
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(latest_checkpoint(run_dir))[0]
-
-
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize(
     "override,message",

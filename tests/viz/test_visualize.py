@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mpp import explain, figures, visualize
 from mpp.formats.native import save_encoder, save_mae
 from mpp.masking import patchify
 from mpp.models.mae import MaskedAutoencoder, visible_patch_stats
 from mpp.models.vit import ViTEncoder
 from mpp.pos_embed import sincos_2d
+from mpp.viz import attention as explain
+from mpp.viz import figures, visualize
 
 MICRO = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
 

@@ -40,6 +40,10 @@ class SourceConfig:
     prefetch_factor: int = 2  # batches each worker prepares ahead
     synthetic_size: int = 512
     synthetic_classes: int = 4
+    # A seeded, stratified validation split held out of the training split (mpp.data.holdout): never pretrained on,
+    # never labelled-training data; recipe choices are made on it. Pretraining and evaluation must give the same two.
+    val_size: int | None = None
+    val_seed: int = 0
 
 
 @dataclass
@@ -128,7 +132,12 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         value = data[f.name]
         if dataclasses.is_dataclass(tp) and isinstance(value, str) and "name" in {g.name for g in fields(tp)}:
             value = {"name": value}  # model=mae_vit_tiny_patch4 means model.name=..., the spelling of every command
-        elif f.name == "model" and isinstance(value, dict) and set(value) == {"name"}:
+        elif (
+            f.name == "model"
+            and not dataclasses.is_dataclass(tp)
+            and isinstance(value, dict)
+            and set(value) == {"name"}
+        ):
             value = value["name"]  # and model.name=... is accepted where the model is only a name
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = from_dict(tp, value, f"{prefix}{f.name}.")
@@ -305,6 +314,7 @@ def check_source(d: SourceConfig) -> None:
         raise ConfigError("data.mean and data.std must be given together")
     if d.std is not None:
         check(all(s > 0 for s in d.std), "data.std", d.std, "must be positive")
+    check(d.val_size is None or d.val_size > 0, "data.val_size", d.val_size, "must be positive (or null: no split)")
 
 
 def check_precision(value: str) -> None:

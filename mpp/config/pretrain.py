@@ -149,6 +149,7 @@ def check_pretrain(config: PretrainConfig) -> None:
     check_source(d)
     check(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", d.crop_scale_min, "must be in (0, 1]")
     check(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive")
+    check(not (d.streaming and d.val_size), "data.val_size", d.val_size, "is not supported with streaming")
     if d.streaming:
         check(d.source == "hf", "data.streaming", d.streaming, f"needs data.source=hf, not {d.source}")
         check(not d.in_memory, "data.in_memory", d.in_memory, "cannot hold a stream; leave it unset with streaming")

@@ -139,6 +139,21 @@ class FinetuneConfig(StageConfig):
 
 
 @dataclass
+class CnnSettings:
+    """The CNN-from-scratch baseline of the efficiency sweep (:class:`mpp.models.cnn.SmallImageResNet`).
+
+    resnet18 is widths 64-512 with 2 blocks per stage; the default is a quarter of its width and half its depth, which
+    trains about 4x faster on a CPU. It trains with the ``finetune`` section's recipe.
+    """
+
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+
+
+BASELINES = ("pixels", "cnn")
+
+
+@dataclass
 class EvaluateConfig(StageConfig):
     """``mpp evaluate``: kNN and linear probe (and fine-tuning with ``run_finetune``) on one encoder."""
 
@@ -150,10 +165,15 @@ class EvaluateConfig(StageConfig):
     budgets: list[int | str] | int | str | None = None
     compare_random: bool = True  # with budgets: also run the baseline, to show what pretraining buys
     scratch_init: str | None = None  # the baseline; None: the encoder's registry variant from random init
+    # With budgets, on the same labelled images: raw pixels (kNN + logistic regression) and a CNN from scratch.
+    baselines: list[str] | str = field(default_factory=lambda: ["pixels", "cnn"])
+    cnn: CnnSettings = field(default_factory=CnnSettings)
 
     def __post_init__(self) -> None:
         # The command line gives "1,10,all" as one string, a recipe a list: keep one canonical form either way.
         self.budgets = parse_budgets(self.budgets)
+        if isinstance(self.baselines, str):
+            self.baselines = [b.strip() for b in self.baselines.split(",") if b.strip() and b.strip() != "none"]
 
 
 BUDGET_ALL = "all"
@@ -242,36 +262,49 @@ def check_stage(config: StageConfig) -> None:
     check_source(d)
     check(d.crop_pct is None or 0 < d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
     check_positive(d, "data.", "batch_size", "test_limit")
-    knn = getattr(config, "knn", None)
-    if knn is not None:
-        check_positive(knn, "knn.", "k", "temperature", "query_chunk")
-    probe = getattr(config, "probe", None)
-    if probe is not None:
-        check(probe.mode in PROBE_MODES, "probe.mode", probe.mode, f"must be one of {PROBE_MODES}")
-        _check_schedule(probe, "probe.")
+    for section, checker in (("knn", _check_knn), ("probe", _check_probe), ("finetune", _check_finetune)):
+        if (settings := getattr(config, section, None)) is not None:
+            checker(settings)
+    for name in getattr(config, "baselines", []):
+        check(name in BASELINES, "baselines", name, f"must be among {', '.join(BASELINES)} (or none)")
+    cnn = getattr(config, "cnn", None)
+    if cnn is not None:
+        check(len(cnn.widths) == 4, "cnn.widths", cnn.widths, "needs four stage widths (a ResNet has four stages)")
+        check(len(cnn.blocks) == 4, "cnn.blocks", cnn.blocks, "needs four block counts (a ResNet has four stages)")
+        check(all(v > 0 for v in [*cnn.widths, *cnn.blocks]), "cnn.widths", cnn.widths, "must be positive")
+
+
+def _check_knn(knn: KnnSettings) -> None:
+    check_positive(knn, "knn.", "k", "temperature", "query_chunk")
+
+
+def _check_probe(probe: ProbeSettings) -> None:
+    check(probe.mode in PROBE_MODES, "probe.mode", probe.mode, f"must be one of {PROBE_MODES}")
+    _check_schedule(probe, "probe.")
+    check(
+        len(probe.blr_sweep) > 0 and all(b > 0 for b in probe.blr_sweep),
+        "probe.blr_sweep",
+        probe.blr_sweep,
+        "must be a non-empty list of positive values",
+    )
+    check(0 < probe.val_fraction < 1, "probe.val_fraction", probe.val_fraction, "must be in (0, 1)")
+    check(0 <= probe.momentum < 1, "probe.momentum", probe.momentum, "must be in [0, 1)")
+
+
+def _check_finetune(ft: FinetuneSettings) -> None:
+    _check_schedule(ft, "finetune.")
+    check(0 < ft.layer_decay <= 1, "finetune.layer_decay", ft.layer_decay, "must be in (0, 1]")
+    check(0 <= ft.drop_path_rate < 1, "finetune.drop_path_rate", ft.drop_path_rate, "must be in [0, 1)")
+    check(0 <= ft.smoothing < 1, "finetune.smoothing", ft.smoothing, "must be in [0, 1)")
+    check(ft.mixup >= 0, "finetune.mixup", ft.mixup, "must be >= 0 (0 turns mixup off)")
+    check(ft.cutmix >= 0, "finetune.cutmix", ft.cutmix, "must be >= 0 (0 turns cutmix off)")
+    for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        check(0 <= getattr(ft, name) <= 1, f"finetune.{name}", getattr(ft, name), "must be in [0, 1]")
+    check(0 < ft.ema_decay < 1, "finetune.ema_decay", ft.ema_decay, "must be in (0, 1)")
+    if ft.rand_augment is not None:
         check(
-            len(probe.blr_sweep) > 0 and all(b > 0 for b in probe.blr_sweep),
-            "probe.blr_sweep",
-            probe.blr_sweep,
-            "must be a non-empty list of positive values",
+            ft.rand_augment.startswith("rand-"),
+            "finetune.rand_augment",
+            ft.rand_augment,
+            "must be a timm RandAugment string like rand-m9-mstd0.5-inc1, or null",
         )
-        check(0 < probe.val_fraction < 1, "probe.val_fraction", probe.val_fraction, "must be in (0, 1)")
-        check(0 <= probe.momentum < 1, "probe.momentum", probe.momentum, "must be in [0, 1)")
-    ft = getattr(config, "finetune", None)
-    if ft is not None:
-        _check_schedule(ft, "finetune.")
-        check(0 < ft.layer_decay <= 1, "finetune.layer_decay", ft.layer_decay, "must be in (0, 1]")
-        check(0 <= ft.drop_path_rate < 1, "finetune.drop_path_rate", ft.drop_path_rate, "must be in [0, 1)")
-        check(0 <= ft.smoothing < 1, "finetune.smoothing", ft.smoothing, "must be in [0, 1)")
-        check(ft.mixup >= 0, "finetune.mixup", ft.mixup, "must be >= 0 (0 turns mixup off)")
-        check(ft.cutmix >= 0, "finetune.cutmix", ft.cutmix, "must be >= 0 (0 turns cutmix off)")
-        for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
-            check(0 <= getattr(ft, name) <= 1, f"finetune.{name}", getattr(ft, name), "must be in [0, 1]")
-        check(0 < ft.ema_decay < 1, "finetune.ema_decay", ft.ema_decay, "must be in (0, 1)")
-        if ft.rand_augment is not None:
-            check(
-                ft.rand_augment.startswith("rand-"),
-                "finetune.rand_augment",
-                ft.rand_augment,
-                "must be a timm RandAugment string like rand-m9-mstd0.5-inc1, or null",
-            )

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Subset
 
 from mpp.data import build_dataset, default_stats
+from mpp.data.holdout import without_validation
 from mpp.data.memory import MemoryPretrainSamples, decode_all
 from mpp.data.sampling import EpochLoader, SeededPretrainSamples
 from mpp.data.stream import StreamHead, StreamPretrainSamples, open_stream, stream_length
@@ -96,6 +97,9 @@ def make_dataset(data: Any, seed: int, transform: Any, in_chans: int, img_size: 
         synthetic_classes=d.synthetic_classes,
         seed=seed,
     )
+    if d.val_size:  # the validation images are never pretrained on (mpp.data.holdout)
+        keep, _ = without_validation(list(dataset.targets), d.val_size, d.val_seed)
+        dataset = Subset(dataset, keep)
     if d.limit is not None and d.limit < len(dataset):
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: d.limit]
         dataset = Subset(dataset, sorted(keep.tolist()))

@@ -28,6 +28,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from mpp.config import BUDGET_ALL, ConfigError, EvaluateConfig, to_dict
+from mpp.eval.baselines import cnn_budget, pixel_budget
 from mpp.eval.features import FeatureCache
 from mpp.eval.report import _font, _text_size
 from mpp.eval.session import Session
@@ -36,10 +37,19 @@ from mpp.runtime import atomic_write_json, atomic_write_text, check_output_dir, 
 
 RunBudget = Callable[[Session, EvaluateConfig, Path, FeatureCache, str | None], Path]
 
-ROLE_NAMES = {"mae": "MAE", "scratch": "scratch"}
-PROTOCOL_NAMES = {"knn": "kNN", "probe": "linear probe", "finetune": "fine-tune", "finetune_ema": "fine-tune (EMA)"}
+ROLE_NAMES = {"mae": "MAE", "scratch": "ViT scratch", "cnn": "CNN scratch", "pixels": "pixels"}
+PROTOCOL_NAMES = {
+    "knn": "kNN",
+    "probe": "linear probe",
+    "logistic": "logistic regression",
+    "finetune": "fine-tune",
+    "finetune_ema": "fine-tune (EMA)",
+}
 # matplotlib's tab10 colours, in its order: familiar to readers of plots.
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLOURS = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
+    (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]  # fmt: skip
 GRID, MINOR_GRID = (210, 210, 210), (236, 236, 236)
 # split_off keeps one image of each class for training, so a validation split needs two labelled images per class.
 CACHED_PROBE_MIN_PER_CLASS = 2
@@ -97,27 +107,32 @@ def scratch_config(session: Session) -> EvaluateConfig:
     )
 
 
-def contenders(session: Session) -> list[tuple[str, Session]]:
-    """``[("mae", session), ("scratch", the baseline's session)]``.
+def contenders(session: Session, run_budget: RunBudget) -> list[tuple[str, Session, RunBudget]]:
+    """``(role, session, runner)`` of the encoder and of every baseline, on the same labelled images.
 
-    No baseline without ``compare_random``, or when the encoder is a random init already.
+    ``mae`` is the encoder; ``scratch`` the same ViT from random init (not without ``compare_random``, nor when the
+    encoder is a random init already); ``cnn`` a small-image ResNet from scratch and ``pixels`` kNN and logistic
+    regression on raw pixels (``baselines``), both on the encoder's session: its data, normalisation and size.
     """
     config: EvaluateConfig = session.config  # type: ignore[assignment]
-    pairs = [("mae", session)]
-    if not config.compare_random:
-        return pairs
-    if config.init == "random" and config.scratch_init in (None, "random"):
+    roles: list[tuple[str, Session, RunBudget]] = [("mae", session, run_budget)]
+    if config.compare_random and config.init == "random" and config.scratch_init in (None, "random"):
         session.say("efficiency: init is random already, so there is no separate random-init baseline")
-        return pairs
-    return [*pairs, ("scratch", Session.open(scratch_config(session), "efficiency", run_dir=session.run_dir))]
+    elif config.compare_random:
+        scratch = Session.open(scratch_config(session), "efficiency", run_dir=session.run_dir, create_run_dir=False)
+        roles.append(("scratch", scratch, run_budget))
+    runners = {"cnn": cnn_budget, "pixels": pixel_budget}
+    return roles + [(name, session, runners[name]) for name in runners if name in config.baselines]
 
 
 def probe_skip(config: EvaluateConfig, budget: int | str) -> str | None:
     """Why the probe cannot run at ``budget`` (``None``: it can)."""
-    if config.probe.mode == "cached" and budget != BUDGET_ALL and int(budget) < CACHED_PROBE_MIN_PER_CLASS:
+    few = budget != BUDGET_ALL and int(budget) < CACHED_PROBE_MIN_PER_CLASS
+    if config.probe.mode == "cached" and few and not config.data.val_size:
         return (
             f"the cached probe chooses its lr on a validation split held out of the labelled images, which needs "
-            f"{CACHED_PROBE_MIN_PER_CLASS} per class; probe.mode=full runs at any budget"
+            f"{CACHED_PROBE_MIN_PER_CLASS} per class; data.val_size (a validation split) or probe.mode=full runs at "
+            "any budget"
         )
     return None
 
@@ -163,17 +178,18 @@ def sweep(session: Session, run_budget: RunBudget) -> Path:
     if not config.budgets:
         raise ConfigError("the efficiency sweep needs budgets, e.g. budgets=1,10,100,all")
     check_budgets(session)
-    out = session.run_dir
+    roles = contenders(session, run_budget)  # fails early, like the budgets, when the baseline cannot be built
+    out = check_output_dir(session.run_dir)
     if session.main:
         write_config(out / "config.yaml", to_dict(config))
     encoders: dict[str, dict[str, Any]] = {}
     last: dict[str, Any] = {}  # a run's results.json, for what every run shares (data, classes, test size)
-    for role, contender in contenders(session):
+    for role, contender, runner in roles:
         cache = FeatureCache()  # one per encoder: features are its own
         for budget in config.budgets:
             where = check_output_dir(out / role / budget_dir(budget))
             run_config = single_budget(contender.config, budget, where)  # type: ignore[arg-type]
-            run_dir = run_budget(contender, run_config, where, cache, probe_skip(run_config, budget))
+            run_dir = runner(contender, run_config, where, cache, probe_skip(run_config, budget))
             if not session.main:
                 continue
             last = results = json.loads((run_dir / "results.json").read_text())
@@ -231,39 +247,55 @@ def _budget_cell(point: dict[str, Any]) -> str:
     return f"all ({point['labels_per_class']:.4g})" if point["budget"] == BUDGET_ALL else str(point["budget"])
 
 
+def curves(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(role, protocol)`` of every curve with at least one measured or skipped point, encoder by encoder."""
+    out = []
+    for role, entry in report["encoders"].items():
+        for name in report["protocols"]:
+            if any(name in p["top1"] or name in p["skipped"] for p in entry["results"]):
+                out.append((role, name))
+    return out
+
+
+def best_of(points: list[dict[str, Any]]) -> tuple[float, str] | None:
+    """The highest top-1 among ``(role, point)`` pairs' protocols, and which: ``(value, "role protocol")``."""
+    found = [(v, f"{ROLE_NAMES[role]} {PROTOCOL_NAMES.get(n, n)}") for role, p in points for n, v in p["top1"].items()]
+    return max(found) if found else None
+
+
 def efficiency_markdown(report: dict[str, Any]) -> str:
-    """A table: one row per budget; per protocol, top-1 (%) of each encoder and the gain of MAE over scratch."""
+    """A table: one row per budget; top-1 (%) of every encoder and baseline, and MAE's best against the best other."""
     encoders = report["encoders"]
-    roles = list(encoders)
-    compare = roles == ["mae", "scratch"]
+    roles, shown = list(encoders), curves(report)
+    others = [r for r in roles if r != "mae"]
     header = ["labels per class", "train images"]
-    for name in report["protocols"]:
-        header += [f"{PROTOCOL_NAMES.get(name, name)} {ROLE_NAMES[r]}" for r in roles]
-        header += [f"{PROTOCOL_NAMES.get(name, name)} gain"] if compare else []
+    header += [f"{ROLE_NAMES[r]} {PROTOCOL_NAMES.get(n, n)}" for r, n in shown]
+    header += ["MAE best - best baseline (which)"] if others else []
     lines = [
         f"# Data efficiency: {report['variant']} on {report['dataset']}",
         "",
         *[f"- {ROLE_NAMES[r]}: `{encoders[r]['init']}`, {encoders[r]['encoder_desc']}" for r in roles],
         "",
-        f"Top-1 accuracy (%) on {report['test_size']} test images"
-        + (", gain = MAE - scratch in points" if compare else "")
-        + f". Labelled images drawn with seed {report['label_seed']}; a smaller budget's are among a larger one's.",
+        f"Top-1 accuracy (%) on {report['test_size']} test images, every column on the same labelled images (seed "
+        f"{report['label_seed']}; a smaller budget's are among a larger one's)."
+        + (" The last column is the best MAE protocol minus the best baseline, in points." if others else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|---|" + "---:|" * (len(header) - 1),
     ]
     notes: dict[str, str] = {}
     for i, mae in enumerate(encoders["mae"]["results"]):
-        points = [encoders[r]["results"][i] for r in roles]
+        points = {r: encoders[r]["results"][i] for r in roles}
         row = [_budget_cell(mae), str(mae["train_used"])]
-        for name in report["protocols"]:
-            values = [p["top1"].get(name) for p in points]
-            row += [_cell(v) for v in values]
-            if compare:
-                row.append("n/a" if None in values else f"{values[0] - values[1]:+.2f}")
-            for p in points:
-                if name in p["skipped"]:
-                    notes[f"{PROTOCOL_NAMES.get(name, name)} at {_budget_cell(mae)} per class"] = p["skipped"][name]
+        for role, name in shown:
+            row.append(_cell(points[role]["top1"].get(name)))
+            if name in points[role]["skipped"]:
+                where = f"{ROLE_NAMES[role]} {PROTOCOL_NAMES.get(name, name)} at {_budget_cell(mae)} per class"
+                notes[where] = points[role]["skipped"][name]
+        if others:
+            ours, theirs = best_of([("mae", mae)]), best_of([(r, points[r]) for r in others])
+            gain = "n/a" if ours is None or theirs is None else f"{ours[0] - theirs[0]:+.2f} ({theirs[1]})"
+            row.append(gain)
         lines.append("| " + " | ".join(row) + " |")
     if notes:
         lines += ["", *[f"n/a: {where}: {why}." for where, why in notes.items()]]
@@ -344,19 +376,18 @@ def _x_ticks(report: dict[str, Any]) -> list[tuple[float, str]]:
 
 
 def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560) -> Image.Image:
-    """Top-1 (%) against labels per class (log axis): a colour per protocol, solid MAE, dashed scratch."""
+    """Top-1 (%) against labels per class (log axis): a colour per curve, MAE solid, the baselines dashed."""
     s = 2  # drawn at twice the size, then scaled down: PIL draws lines without anti-aliasing
     img = Image.new("RGB", (width * s, height * s), "white")
     draw = ImageDraw.Draw(img)
     title_font, font, small = _font(18 * s), _font(14 * s), _font(12 * s)
     left, right, top, bottom = 76 * s, (width - 230) * s, 52 * s, (height - 66) * s
     ticks = _x_ticks(report)
-    curves = [
-        (p, role, [(pt["labels_per_class"], pt["top1"].get(p)) for pt in enc["results"]])
-        for p in report["protocols"]
-        for role, enc in report["encoders"].items()
+    lines_drawn = [
+        (p, role, [(pt["labels_per_class"], pt["top1"].get(p)) for pt in report["encoders"][role]["results"]])
+        for role, p in curves(report)
     ]
-    ys = [y for _, _, pts in curves for _, y in pts if y is not None]
+    ys = [y for _, _, pts in lines_drawn for _, y in pts if y is not None]
     lx0, lx1 = _axis_range([x for x, _ in ticks], log=True)
     y0, y1 = _axis_range(ys, log=False)
 
@@ -383,16 +414,17 @@ def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560)
             draw.text((px(x) - tw / 2, bottom + 8 * s), label, fill="black", font=small)
             last_label_end = px(x) + tw / 2
     draw.rectangle([left, top, right, bottom], outline="black", width=s)
-    colours = {p: COLOURS[i % len(COLOURS)] for i, p in enumerate(report["protocols"])}
-    for protocol, role, pts in curves:
+    # One colour per curve: the MAE protocols solid, every baseline dashed.
+    colours = {(role, p): COLOURS[i % len(COLOURS)] for i, (p, role, _) in enumerate(lines_drawn)}
+    for protocol, role, pts in lines_drawn:
         xy = [(px(x), py(y)) for x, y in pts if y is not None]
-        _series_line(draw, xy, colours[protocol], role != "mae", s)
+        _series_line(draw, xy, colours[(role, protocol)], role != "mae", s)
     # Legend beside the plot, one entry per curve.
     lx, ly = right + 20 * s, top
-    for protocol, role, _ in curves:
+    for protocol, role, _ in lines_drawn:
         sample, middle = [(lx, ly + 10 * s), (lx + 40 * s, ly + 10 * s)], [(lx + 20 * s, ly + 10 * s)]
-        _series_line(draw, sample, colours[protocol], role != "mae", s, middle)
-        name = f"{PROTOCOL_NAMES.get(protocol, protocol)}, {ROLE_NAMES[role]}"
+        _series_line(draw, sample, colours[(role, protocol)], role != "mae", s, middle)
+        name = f"{ROLE_NAMES[role]} {PROTOCOL_NAMES.get(protocol, protocol)}"
         draw.text((lx + 50 * s, ly + 2 * s), name, fill="black", font=small)
         ly += 26 * s
     title = f"Data efficiency: {report['variant']} on {report['dataset']}"

@@ -31,7 +31,7 @@ from typing import Any
 from mpp.config import EvaluateConfig
 from mpp.config.command import command_main
 from mpp.eval.efficiency import sweep
-from mpp.eval.features import FeatureCache, extract_split_features
+from mpp.eval.features import FeatureCache, split_features
 from mpp.eval.finetune import finetune, finetune_augmentation
 from mpp.eval.knn import knn_protocol
 from mpp.eval.probe import cached_probe, full_probe, probe_classifier, probe_transform
@@ -41,7 +41,7 @@ from mpp.models.classifier import FINETUNE_HEAD_STD, ViTClassifier
 
 def run(config: EvaluateConfig) -> Path:
     """``mpp evaluate``: :func:`run_budget`, or with ``budgets`` the data-efficiency sweep; the output directory."""
-    session = Session.open(config, "efficiency" if config.budgets else "eval")
+    session = Session.open(config, "efficiency" if config.budgets else "eval", create_run_dir=not config.budgets)
     if config.budgets:
         return sweep(session, run_budget)
     return run_budget(session, config, session.run_dir)
@@ -74,15 +74,17 @@ def run_budget(
     say(f"mpp evaluate: {session.describe(classifier.global_pool)} from {config.init}")
     say(f"{session.data_line(splits)}, on {accelerator.device}; output {run_dir}")
     session.save_config(splits, run_dir=run_dir, config=config)
-    d = config.data
-    extract = features.features if features is not None else extract_split_features
-    feats = extract(classifier, splits, accelerator, d.batch_size, d.num_workers, config.progress)
-    protocols: dict[str, Any] = {"knn": knn_protocol(*feats, splits.classes, config.knn, accelerator.device)}
+    feats = split_features(classifier, splits, accelerator, config.data, config.progress, features)
+    protocols: dict[str, Any] = {
+        "knn": knn_protocol(*feats.train, *feats.test, splits.classes, config.knn, accelerator.device)
+    }
     say(f"  kNN: top-1 {protocols['knn']['top1']:.2f}%")
     if skip_probe is not None:
         say(f"  linear probe: skipped ({skip_probe})")
     elif config.probe.mode == "cached":
-        protocols["probe"] = cached_probe(*feats, splits.classes, config.probe, accelerator, config.seed, say)
+        protocols["probe"] = cached_probe(
+            *feats.train, *feats.test, splits.classes, config.probe, accelerator, config.seed, say, val=feats.val
+        )
     else:
         probe_splits = session.splits(probe_transform(session), config=config)
         protocols["probe"] = full_probe(config, classifier, probe_splits, accelerator, say)  # type: ignore[arg-type]

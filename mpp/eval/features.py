@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,3 +108,52 @@ class FeatureCache:
         rows = torch.tensor([self._rows[i] for i in train.indices], dtype=torch.long)
         train_x, train_y, test_x, test_y = self._feats
         return train_x[rows], train_y[rows], test_x, test_y
+
+    def val_features(self, splits: Splits) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """After :meth:`features`: the validation split's features, sliced from the same extraction (or ``None``)."""
+        if splits.val is None or self._feats is None:
+            return None
+        if not isinstance(splits.val, Subset):
+            raise TypeError("FeatureCache needs the Subset splits of build_splits")
+        rows = torch.tensor([self._rows[i] for i in splits.val.indices], dtype=torch.long)
+        return self._feats[0][rows], self._feats[1][rows]
+
+
+@dataclass
+class SplitFeatures:
+    """Pooled features and labels of a stage's splits, ``(x, y)`` each; ``val`` is ``None`` without one."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def split_features(
+    classifier: Any,
+    splits: Splits,
+    accelerator: Any,
+    data: Any,
+    progress: bool,
+    cache: FeatureCache | None = None,
+) -> SplitFeatures:
+    """Features of the train, validation and test splits, from ``cache`` (sliced) or extracted now.
+
+    ``data`` is the stage's data section (``batch_size``, ``num_workers``).
+    """
+    b, w = data.batch_size, data.num_workers
+    if cache is not None:
+        train_x, train_y, test_x, test_y = cache.features(classifier, splits, accelerator, b, w, progress)
+        return SplitFeatures((train_x, train_y), (test_x, test_y), cache.val_features(splits))
+    train_x, train_y, test_x, test_y = extract_split_features(classifier, splits, accelerator, b, w, progress)
+    val = None
+    if splits.val is not None:
+        val = batched(classifier.forward_features, splits.val, accelerator, b, w, "val features", progress)
+    return SplitFeatures((train_x, train_y), (test_x, test_y), val)
+
+
+def validation_top1(model: Any, splits: Splits, accelerator: Any, data: Any, progress: bool) -> float | None:
+    """Top-1 (%) of a trained classifier on the validation split, what recipe choices are made on (``None``: none)."""
+    if splits.val is None:
+        return None
+    logits, target = batched(model, splits.val, accelerator, data.batch_size, data.num_workers, "val", progress)
+    return 100.0 * (logits.argmax(1) == target).float().mean().item()

@@ -17,6 +17,7 @@ Usage::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from mpp.config import FinetuneConfig, FinetuneSettings
 from mpp.config.command import command_main
 from mpp.data.sampling import SeededItems
 from mpp.data.transforms import finetune_transform
-from mpp.eval.features import batched
+from mpp.eval.features import batched, validation_top1
 from mpp.eval.metrics import classification_metrics
 from mpp.eval.session import Session, Splits
 from mpp.formats.native import save_classifier
@@ -137,6 +138,7 @@ def finetune(
         return criterion(m(imgs), target)
 
     run = StageRun(config, "finetune", accelerator, run_dir, found, say)
+    start = time.perf_counter()
     raw = train_images(
         run,
         classifier,
@@ -150,13 +152,21 @@ def finetune(
         hooks=FitHooks(on_step=ema.update),
         extra_state=ema.state,
     )
+    minutes = round((time.perf_counter() - start) / 60, 2)  # this session's training time (a resumed run: its part)
     entries: dict[str, dict[str, Any]] = {}
     models = {"finetune": raw} | ({"finetune_ema": ema.ema.module} if ema.ema is not None else {})
     for name, net in models.items():
         net.eval()
         logits, target = batched(net, splits.test, accelerator, d.batch_size, d.num_workers, "test", config.progress)
         entry = classification_metrics(logits, target, splits.classes)
-        facts = {"train_size": len(train), "layer_decay": f.layer_decay, "drop_path_rate": f.drop_path_rate}
+        if (val := validation_top1(net, splits, accelerator, d, config.progress)) is not None:
+            entry["val_top1"] = val  # what recipe choices are made on; the test figure above is never used for them
+        facts = {
+            "train_size": len(train),
+            "layer_decay": f.layer_decay,
+            "drop_path_rate": f.drop_path_rate,
+            "train_minutes": minutes,
+        }
         entry.update(schedule.facts(), **facts)
         entry["summary"] = (
             f"{'EMA, ' if name.endswith('ema') else ''}{schedule.epochs} ep ({schedule.total_steps} steps), "
@@ -175,24 +185,15 @@ def run(config: FinetuneConfig) -> Path:
     classifier = ViTClassifier(session.encoder, splits.num_classes, config.global_pool or "avg", FINETUNE_HEAD_STD)
     say = session.say
     found = session.resume()
-    params = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
-    say(
-        f"mpp finetune: {session.describe(classifier.global_pool)} from {config.init}, "
-        f"{params / 1e6:.2f}M trainable, on {session.accelerator.device}"
-    )
-    say(session.data_line(splits))
+    params = sum(p.numel() for p in classifier.parameters() if p.requires_grad) / 1e6
+    say(f"mpp finetune: {session.describe(classifier.global_pool)} from {config.init}, {params:.2f}M trainable")
+    say(f"{session.data_line(splits)}, on {session.accelerator.device}")
     session.save_config(splits, trackers=True)
     entries, trained = finetune(config, classifier, splits, session.accelerator, session.run_dir, say, found)
     if written := session.write_results(splits, classifier.global_pool, entries):
         if f.save_model:
-            save_classifier(
-                session.run_dir / "classifier.safetensors",
-                trained,
-                mean=session.mean,
-                std=session.std,
-                classes=splits.classes,
-                init=config.init,
-            )
+            facts = {"mean": session.mean, "std": session.std, "classes": splits.classes, "init": config.init}
+            save_classifier(session.run_dir / "classifier.safetensors", trained, **facts)
         for name, entry in entries.items():
             say(f"  {name}: top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {written}")
     session.finish()

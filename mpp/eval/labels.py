@@ -10,44 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
+from mpp.data.holdout import by_class, proportional_counts, shuffled
 from mpp.data.sampling import mix_seed
 
 
 class LabelBudgetError(ValueError):
     """A label budget the data cannot meet (more labels per class than a class has, an empty subset, ...)."""
-
-
-def _by_class(targets: Sequence[int]) -> dict[int, list[int]]:
-    """Indices of each labelled class, in dataset order (label ``-1`` = unlabeled is left out)."""
-    groups: dict[int, list[int]] = {}
-    for index, label in enumerate(targets):
-        if label >= 0:
-            groups.setdefault(int(label), []).append(index)
-    return groups
-
-
-def _shuffled(indices: list[int], seed: int, label: int) -> list[int]:
-    """``indices`` in the seeded order of class ``label`` (independent of the other classes)."""
-    generator = torch.Generator().manual_seed(mix_seed(seed, label))
-    order = torch.randperm(len(indices), generator=generator).tolist()
-    return [indices[i] for i in order]
-
-
-def _fraction_counts(sizes: dict[int, int], fraction: float) -> dict[int, int]:
-    """Per-class counts summing to exactly ``round(fraction * total)``: proportional, largest remainders first."""
-    total = sum(sizes.values())
-    want = min(total, max(1, round(fraction * total)))
-    exact = {c: fraction * n for c, n in sizes.items()}
-    counts = {c: min(n, int(exact[c])) for c, n in sizes.items()}
-    # Ties between equal remainders go to the lower class index, so the result stays a pure function of the input.
-    for c in sorted(sizes, key=lambda c: (-(exact[c] - int(exact[c])), c)):
-        if sum(counts.values()) >= want:
-            break
-        if counts[c] < sizes[c]:
-            counts[c] += 1
-    return counts
 
 
 def label_subset(
@@ -76,7 +44,7 @@ def label_subset(
     """
     if labels_per_class is not None and fraction is not None:
         raise LabelBudgetError("give labels_per_class or label_fraction, not both")
-    groups = _by_class(targets)
+    groups = by_class(targets)
     if not groups:
         raise LabelBudgetError("the training split has no labelled images")
     if labels_per_class is None and fraction is None:
@@ -97,8 +65,8 @@ def label_subset(
         assert fraction is not None
         if not 0.0 < fraction <= 1.0:
             raise LabelBudgetError(f"label_fraction must be in (0, 1], got {fraction}")
-        counts = _fraction_counts({c: len(m) for c, m in groups.items()}, fraction)
-    chosen = [i for c, members in groups.items() for i in _shuffled(members, seed, c)[: counts[c]]]
+        counts = proportional_counts({c: len(m) for c, m in groups.items()}, fraction)
+    chosen = [i for c, members in groups.items() for i in shuffled(members, seed, c)[: counts[c]]]
     return sorted(chosen)
 
 
@@ -115,12 +83,12 @@ def split_off(
     """
     if not 0.0 < fraction < 1.0:
         raise LabelBudgetError(f"validation fraction must be in (0, 1), got {fraction}")
-    groups = _by_class(targets)
-    counts = _fraction_counts({c: len(m) for c, m in groups.items()}, fraction)
+    groups = by_class(targets)
+    counts = proportional_counts({c: len(m) for c, m in groups.items()}, fraction)
     val: list[int] = []
     for c, members in groups.items():
         take = min(counts[c], max(0, len(members) - min_per_class))
-        val += _shuffled(members, mix_seed(seed, 0x7A1), c)[:take]
+        val += shuffled(members, mix_seed(seed, 0x7A1), c)[:take]
     val_set = set(val)
     train = [i for members in groups.values() for i in members if i not in val_set]
     return sorted(train), sorted(val)

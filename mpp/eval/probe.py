@@ -35,7 +35,7 @@ from mpp.config import ProbeConfig, ProbeSettings
 from mpp.config.command import command_main
 from mpp.data.sampling import SeededItems, mix_seed
 from mpp.data.transforms import pretrain_transform
-from mpp.eval.features import batched, extract_split_features
+from mpp.eval.features import batched, split_features, validation_top1
 from mpp.eval.labels import split_off
 from mpp.eval.metrics import classification_metrics
 from mpp.eval.session import Session, Splits
@@ -160,12 +160,24 @@ def cached_probe(
     accelerator: Accelerator,
     seed: int = 0,
     say: Callable[[str], None] = print,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """The cached-feature probe with an lr sweep chosen on a validation split; the ``probe`` entry of results.json."""
-    train_pos, val_pos = split_off(train_y.tolist(), settings.val_fraction, mix_seed(seed, 0x9B0))
-    if not val_pos or not train_pos:
-        raise ValueError(f"{len(train_y)} training images are too few to hold out a validation split for the lr sweep")
-    fit_x, fit_y = train_x[train_pos], train_y[train_pos]
+    """The cached-feature probe with an lr sweep chosen on validation images; the ``probe`` entry of results.json.
+
+    ``val`` is the stage's validation split (``data.val_size``): the heads then train on every labelled image and
+    the lr is chosen on it. Without it ``probe.val_fraction`` of the labelled images is carved off for the choice.
+    """
+    if val is not None:
+        train_pos, val_pos = list(range(len(train_y))), []
+        fit_x, fit_y, (val_x, val_y), where = train_x, train_y, val, "the validation split"
+    else:
+        train_pos, val_pos = split_off(train_y.tolist(), settings.val_fraction, mix_seed(seed, 0x9B0))
+        if not val_pos or not train_pos:
+            raise ValueError(
+                f"{len(train_y)} training images are too few to hold out a validation split for the lr sweep"
+            )
+        fit_x, fit_y, where = train_x[train_pos], train_y[train_pos], f"carved from train, seed {seed}"
+        val_x, val_y = train_x[val_pos], train_y[val_pos]
     batch = min(settings.batch_size, len(train_pos))
     eff = effective_batch(batch, 1, 1)
     plan = plan_schedule(replace(settings, batch_size=batch, accum_steps=1), len(train_pos), 1, "probe")
@@ -175,13 +187,12 @@ def cached_probe(
     lrs = [absolute_lr(b, eff) for b in blrs]
     steps = epochs * (len(train_pos) // batch)
     say(
-        f"  cached probe: {len(train_pos)} train / {len(val_pos)} val features (val carved from train, seed {seed}), "
+        f"  cached probe: {len(train_pos)} train / {len(val_y)} val features (val: {where}), "
         f"batch {eff}, {epochs} epochs (warmup {warmup:g}) = {steps} steps, LARS"
     )
     say("  sweep: " + ", ".join(f"blr {b:g} -> lr {lr:.3g}" for b, lr in zip(blrs, lrs, strict=True)))
     model = train_cached_heads(fit_x, fit_y, len(classes), lrs, settings, accelerator, batch, seed)
-    val_logits = head_logits(model, train_x[val_pos])  # [K, Nv, C]
-    val_y = train_y[val_pos]
+    val_logits = head_logits(model, val_x)  # [K, Nv, C]
     val_top1 = [
         None if dead else 100.0 * (lg.argmax(1) == val_y).float().mean().item()
         for lg, dead in zip(val_logits, model.diverged, strict=True)
@@ -202,7 +213,7 @@ def cached_probe(
         warmup_epochs=warmup,
         steps=steps,
         train_size=len(train_pos),
-        val_size=len(val_pos),
+        val_size=len(val_y),
         val_top1=val_top1[best],
     )
     entry["summary"] = f"cached, blr {blrs[best]:g} chosen on val ({val_top1[best]:.2f}%), {epochs} ep, batch {eff}"
@@ -267,6 +278,8 @@ def full_probe(
     logits, target = batched(raw, splits.test, accelerator, d.batch_size, d.num_workers, "test", config.progress)
     entry = classification_metrics(logits, target, splits.classes)
     entry.update(mode="full", **schedule.facts(), train_size=len(train))
+    if (val := validation_top1(raw, splits, accelerator, d, config.progress)) is not None:
+        entry["val_top1"] = val
     entry["summary"] = (
         f"full (augmented), blr {s.blr:g}, lr {schedule.lr:.3g}, batch {schedule.effective_batch}, {schedule.epochs} ep"
     )
@@ -286,11 +299,10 @@ def run(config: ProbeConfig) -> Path:
     found = session.resume() if s.mode == "full" else None
     session.save_config(splits, trackers=True)
     if s.mode == "cached":
-        d = config.data
-        feats = extract_split_features(
-            classifier, splits, session.accelerator, d.batch_size, d.num_workers, config.progress
+        feats = split_features(classifier, splits, session.accelerator, config.data, config.progress)
+        entry = cached_probe(
+            *feats.train, *feats.test, splits.classes, s, session.accelerator, config.seed, say, val=feats.val
         )
-        entry = cached_probe(*feats, splits.classes, s, session.accelerator, config.seed, say)
     else:
         entry = full_probe(config, classifier, splits, session.accelerator, say, session.run_dir, found)
     if written := session.write_results(splits, classifier.global_pool, {"probe": entry}):

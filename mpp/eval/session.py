@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Subset
 
 from mpp.config import ConfigError, StageConfig, to_dict
 from mpp.data import build_dataset, default_stats
+from mpp.data.holdout import without_validation
 from mpp.data.sampling import mix_seed
 from mpp.data.transforms import eval_transform
 from mpp.eval.encoders import load_init
@@ -74,6 +75,7 @@ class Session:
         drop_path_rate: float = 0.0,
         tensorboard: bool = False,
         run_dir: Path | None = None,
+        create_run_dir: bool = True,
     ) -> Session:
         """Open the configured encoder for ``stage``.
 
@@ -85,6 +87,7 @@ class Session:
             drop_path_rate: stochastic depth of the encoder (fine-tuning; frozen protocols keep 0).
             tensorboard: log to TensorBoard in the run directory.
             run_dir: where to write; default ``output_dir`` or :func:`default_output_dir`.
+            create_run_dir: make it now; the efficiency sweep makes it only once its checks have passed.
         """
         encoder, meta = open_encoder(config, drop_path_rate)
         opened_rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
@@ -93,7 +96,9 @@ class Session:
         else:
             move_to_grid(encoder, config)
         mean, std = resolve_stats(config, meta, encoder.in_chans)
-        run_dir = check_output_dir(run_dir or run_dir_of(config, stage))
+        run_dir = run_dir or run_dir_of(config, stage)
+        if create_run_dir:
+            check_output_dir(run_dir)
         if tensorboard:
             accelerator = make_accelerator(
                 config.mixed_precision, config.cpu, log_with="tensorboard", project_dir=str(run_dir)
@@ -101,6 +106,8 @@ class Session:
         else:
             accelerator = make_accelerator(config.mixed_precision, config.cpu)
         session = cls(config, stage, encoder, meta, mean, std, accelerator, run_dir)
+        if warning := held_out_warning(config, meta):
+            session.say(warning)
         session._opened_rng = opened_rng
         session.reseed()  # making the accelerator and the run directory leaves the heads built next untouched
         return session
@@ -191,6 +198,23 @@ class Session:
         self.accelerator.end_training()
 
 
+def held_out_warning(config: StageConfig, meta: dict[str, Any]) -> str | None:
+    """A note when choices are to be made on validation images the encoder was pretrained on (``None``: fine).
+
+    Only mpp's own encoders say what they were pretrained on (``source``, ``val_size``, ``val_seed``).
+    """
+    d = config.data
+    if not d.val_size or meta.get("source") != d.source:
+        return None
+    if (meta.get("val_size"), meta.get("val_seed", 0)) == (d.val_size, d.val_seed):
+        return None
+    held = f"data.val_size={meta.get('val_size')}, data.val_seed={meta.get('val_seed', 0)}"
+    return (
+        f"  note: the encoder was pretrained with {held}, so some of these {d.val_size} validation images were "
+        "among its pretraining images; pretrain with the same data.val_size and data.val_seed for honest choices"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ the encoder
 def open_encoder(config: StageConfig, drop_path_rate: float = 0.0) -> tuple[ViTEncoder, dict[str, Any]]:
     """The configured encoder (``init``, ``model``) with ``drop_path_rate``, and its metadata, on its stored grid."""
@@ -245,19 +269,22 @@ def resolve_stats(config: StageConfig, meta: dict[str, Any], in_chans: int) -> t
 # ------------------------------------------------------------------------------------------------ data
 @dataclass
 class Splits:
-    """Train (already cut to the label budget) and test datasets of a stage.
+    """Train (already cut to the label budget), validation and test datasets of a stage.
 
     Attributes:
         train: the labelled training images the stage may use.
         test: the test images (all of them unless ``data.test_limit``).
         classes: class names (``class_<i>`` when the source has none).
         label_info: the budget and the resulting sizes, for results.json.
+        val: the validation images held out of the training split (``data.val_size``; evaluation transform), on
+            which choices are made; ``None`` without ``data.val_size``.
     """
 
     train: Dataset
     test: Dataset
     classes: list[str]
     label_info: dict[str, Any] = field(default_factory=dict)
+    val: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -266,7 +293,10 @@ class Splits:
 
 
 def build_splits(config: StageConfig, encoder: ViTEncoder, train_transform: Any, test_transform: Any) -> Splits:
-    """The stage's train split (label budget applied) and test split.
+    """The stage's train split (label budget applied), validation split (``data.val_size``) and test split.
+
+    The validation images are taken out of the training split before the label budget is drawn, so they are never
+    labelled-training images (nor, with the same ``data.val_size`` in pretraining, pretraining images).
 
     Raises:
         LabelBudgetError: the budget cannot be met (one line naming the class).
@@ -292,6 +322,11 @@ def build_splits(config: StageConfig, encoder: ViTEncoder, train_transform: Any,
         raise LabelBudgetError(f"{d.source} split {d.train_split!r} has no labels; evaluation needs labelled images")
     num_classes = max(max(labelled), max((t for t in test.targets if t >= 0), default=0)) + 1
     classes = list(train.classes) if train.classes else [f"class_{i}" for i in range(num_classes)]
+    _, val_keep = without_validation(targets, d.val_size, d.val_seed)
+    if val_keep:
+        held = set(val_keep)
+        targets = [-1 if i in held else t for i, t in enumerate(targets)]
+        labelled = [t for t in targets if t >= 0]
     label_seed = config.seed if config.label_seed is None else config.label_seed
     keep = label_subset(
         targets,
@@ -313,7 +348,12 @@ def build_splits(config: StageConfig, encoder: ViTEncoder, train_transform: Any,
         "test_size": len(test_keep),
         "test_limited": d.test_limit is not None,
     }
-    return Splits(Subset(train, keep), Subset(test, test_keep), classes, info)
+    val = None
+    if val_keep:
+        info.update(val_size=len(val_keep), val_seed=d.val_seed)
+        same = train_transform is test_transform
+        val = Subset(train if same else build_dataset(d.source, d.train_split, test_transform, **common), val_keep)
+    return Splits(Subset(train, keep), Subset(test, test_keep), classes, info, val)
 
 
 # ------------------------------------------------------------------------------------------------ where and what

@@ -358,6 +358,8 @@ def export_weights(
         "norm_pix_loss": model.norm_pix_loss,
         "epochs": config.optim.epochs,
         "steps": state.step,
+        "val_size": config.data.val_size,  # the validation images it was never trained on (mpp.data.holdout)
+        "val_seed": config.data.val_seed,
     }
     save_encoder(model, run_dir / "encoder.safetensors", **facts)
     save_mae(model, run_dir / "mae.safetensors", **facts)  # whole model: reconstructions, more pretraining

@@ -25,7 +25,9 @@ RANDOM = ["init=random", f"model={MICRO}"]
 # 64 synthetic images of 4 balanced classes: 16 per class, so budgets=1,4,all ends at 16 labels per class.
 SYNTH = ["data.source=synthetic", "data.synthetic_size=64", "data.num_workers=0", "data.batch_size=64",
          "progress=false", "probe.mode=cached", "probe.epochs=2", "probe.warmup_epochs=1",
-         "probe.blr_sweep=[0.1,1.0]"]  # fmt: skip
+         "probe.blr_sweep=[0.1,1.0]", "finetune.epochs=1", "finetune.warmup_epochs=0", "finetune.batch_size=16",
+         "finetune.rand_augment=null", "finetune.mixup=0", "finetune.cutmix=0", "cnn.widths=[8,8,8,8]",
+         "baselines=none"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,8 @@ def sweep_dir(tmp_path_factory, encoder_run):
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     out = tmp_path_factory.mktemp("sweep")
-    assert cli_main(["evaluate", str(encoder_run), *SYNTH, "budgets=1,4,all", f"output_dir={out}"]) == 0
+    args = ["evaluate", str(encoder_run), *SYNTH, "budgets=1,4,all", "baselines=pixels,cnn", f"output_dir={out}"]
+    assert cli_main(args) == 0
     # Module-scoped, so conftest's per-test reset of accelerate's singletons does not cover it.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -92,26 +95,43 @@ def test_budgets_exclude_a_single_budget():
 # ------------------------------------------------------------------------------------------------ the sweep
 def test_sweep_writes_one_entry_per_budget_per_encoder(sweep_dir):
     report = json.loads((sweep_dir / "efficiency.json").read_text())
-    assert report["budgets"] == [1, 4, "all"] and report["protocols"] == ["knn", "probe"]
+    assert report["budgets"] == [1, 4, "all"] and report["protocols"] == ["knn", "probe", "logistic", "finetune"]
     assert report["variant"] == MICRO and report["dataset"] == "synthetic" and report["num_classes"] == 4
-    assert set(report["encoders"]) == {"mae", "scratch"}
+    assert list(report["encoders"]) == ["mae", "scratch", "cnn", "pixels"]
     for role, entry in report["encoders"].items():
         points = entry["results"]
         assert [p["budget"] for p in points] == [1, 4, "all"]
         assert [p["train_used"] for p in points] == [4, 16, 64]
         assert [p["labels_per_class"] for p in points] == [1, 4, 16]  # "all" at its real per-class count
         assert [p["output_dir"] for p in points] == [f"{role}/1_per_class", f"{role}/4_per_class", f"{role}/all"]
-        # The cached probe cannot hold out a validation split from one image per class: left out, with the reason.
-        assert set(points[0]["top1"]) == {"knn"} and "validation split" in points[0]["skipped"]["probe"]
-        assert all(set(p["top1"]) == {"knn", "probe"} and not p["skipped"] for p in points[1:])
         for p in points:
             run = json.loads((sweep_dir / p["output_dir"] / "results.json").read_text())
             assert p["top1"] == {name: e["top1"] for name, e in run["protocols"].items()}
 
 
+def test_sweep_protocols_of_each_encoder_and_baseline(sweep_dir):
+    encoders = json.loads((sweep_dir / "efficiency.json").read_text())["encoders"]
+    for role in ("mae", "scratch"):
+        first, *rest = encoders[role]["results"]
+        # The cached probe cannot hold out a validation split from one image per class: left out, with the reason.
+        assert set(first["top1"]) == {"knn"} and "validation split" in first["skipped"]["probe"]
+        assert all(set(p["top1"]) == {"knn", "probe"} and not p["skipped"] for p in rest)
+    pixels, cnn = encoders["pixels"]["results"], encoders["cnn"]["results"]
+    assert set(pixels[0]["top1"]) == {"knn"} and "data.val_size" in pixels[0]["skipped"]["logistic"]
+    assert all(set(p["top1"]) == {"knn", "logistic"} for p in pixels[1:])
+    assert all(set(p["top1"]) == {"finetune"} for p in cnn) and encoders["cnn"]["variant"] == "resnet"
+    run = json.loads((sweep_dir / "cnn/4_per_class/results.json").read_text())
+    assert run["protocols"]["finetune"]["steps"] >= 1 and run["protocols"]["finetune"]["train_minutes"] >= 0
+    # The pixels see exactly the labelled images the encoders see.
+    assert json.loads((sweep_dir / "pixels/4_per_class/results.json").read_text())["labels"] == run["labels"]
+
+
 def test_sweep_table_and_plot(sweep_dir):
     table = (sweep_dir / "efficiency.md").read_text()
-    assert "| kNN MAE | kNN scratch | kNN gain | linear probe MAE | linear probe scratch | linear probe gain |" in table
+    assert (
+        "| MAE kNN | MAE linear probe | ViT scratch kNN | ViT scratch linear probe | CNN scratch fine-tune |" in table
+    )
+    assert "| pixels kNN | pixels logistic regression | MAE best - best baseline (which) |" in table
     rows = [line for line in table.splitlines() if line.startswith(("| 1 |", "| 4 |", "| all (16) |"))]
     assert len(rows) == 3 and "n/a" in rows[0] and "n/a" not in rows[1]
     assert "efficiency.png" in table
@@ -120,7 +140,10 @@ def test_sweep_table_and_plot(sweep_dir):
     with Image.open(sweep_dir / "efficiency.png") as img:
         assert img.format == "PNG" and img.size == (960, 560)
         colours = {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 20)}
-    assert COLOURS[0] in colours and COLOURS[1] in colours  # a kNN and a probe curve were drawn
+    # MAE kNN and probe drawn solid; ViT scratch kNN and probe, CNN, pixels kNN and LR dashed (anti-aliased: near).
+    assert COLOURS[0] in colours and COLOURS[1] in colours
+    assert all(any(sum(abs(a - b) for a, b in zip(c, p, strict=True)) < 40 for p in colours) for c in COLOURS[2:7])
+    assert not any(sum(abs(a - b) for a, b in zip(COLOURS[8], p, strict=True)) < 10 for p in colours)  # 7 curves
 
 
 def test_random_baseline_has_the_encoders_variant_and_inputs(sweep_dir):
@@ -167,7 +190,7 @@ def test_no_baseline_and_unknown_variant(tmp_path, encoder_run, capsys):
     args = ["evaluate", str(encoder_run), *SYNTH, "budgets=all", "compare_random=false", f"output_dir={out}"]
     assert cli_main(args) == 0
     report = json.loads((out / "efficiency.json").read_text())
-    assert list(report["encoders"]) == ["mae"] and "kNN gain" not in (out / "efficiency.md").read_text()
+    assert list(report["encoders"]) == ["mae"] and "best baseline" not in (out / "efficiency.md").read_text()
     anonymous = tmp_path / "anonymous"
     save_encoder(mpp.create_model(MICRO), anonymous / "encoder.safetensors")  # no variant recorded
     assert cli_main(["evaluate", str(anonymous), *SYNTH, "budgets=4", f"output_dir={tmp_path / 'x'}"]) == 2

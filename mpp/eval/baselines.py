@@ -1,0 +1,164 @@
+"""The baselines every encoder figure stands beside, on exactly the same labelled images.
+
+- **Raw pixels**: the evaluation-transform images flattened; kNN with the encoder's protocol (:mod:`mpp.neighbours`)
+  and a multinomial logistic regression whose L2 strength is chosen on validation images, never on the test split.
+- **A CNN from scratch** (:class:`mpp.models.cnn.SmallImageResNet`): trained by the fine-tuning path with the stage's
+  own recipe and augmentation (:func:`mpp.eval.finetune.finetune`), so it gets the ViT fine-tune's optimiser steps.
+
+The same ViT from scratch is the efficiency sweep's ``scratch`` encoder (:mod:`mpp.eval.efficiency`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mpp.config import EvaluateConfig
+from mpp.data.sampling import mix_seed
+from mpp.eval.features import FeatureCache, split_features
+from mpp.eval.finetune import finetune, finetune_augmentation
+from mpp.eval.knn import knn_protocol
+from mpp.eval.labels import split_off
+from mpp.eval.metrics import classification_metrics
+from mpp.eval.session import Session
+from mpp.models.cnn import SmallImageResNet
+
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # on standardised pixels, per image (the loss is a mean over images)
+
+
+def flatten(images: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, C*H*W]`` float32."""
+    return images.reshape(images.shape[0], -1).float()
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, iters: int = 100) -> torch.nn.Linear:
+    """A multinomial logistic regression on ``x`` (already standardised), fitted by full-batch L-BFGS.
+
+    The loss is the mean cross-entropy plus ``l2 / 2 * ||W||^2`` (bias not penalised), a convex problem: L-BFGS with a
+    strong-Wolfe line search reaches its optimum from zero weights, so the fit needs no seed.
+    """
+    model = torch.nn.Linear(x.shape[1], num_classes)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-6, tolerance_change=1e-9, history_size=20)  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y) + 0.5 * l2 * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+def logistic_protocol(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    classes: Sequence[str],
+    l2_grid: Sequence[float] = L2_GRID,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Logistic regression on features: L2 chosen on ``val``, the chosen model scored once on ``test``.
+
+    Features are standardised with the training images' mean and std (per feature). Returns the results.json entry.
+    """
+    start = time.perf_counter()
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
+    mean, std = train_x.mean(0), train_x.std(0, unbiased=False).clamp_min(1e-6)
+
+    def scale(x: torch.Tensor) -> torch.Tensor:
+        return (x - mean) / std
+
+    fitted = {l2: fit_logistic(scale(train_x), train_y, len(classes), l2) for l2 in l2_grid}
+    with torch.no_grad():
+        val_top1 = {l2: 100.0 * (m(scale(val_x)).argmax(1) == val_y).float().mean().item() for l2, m in fitted.items()}
+        best = max(l2_grid, key=lambda l2: (val_top1[l2], l2))  # ties: the stronger regularisation
+        entry = classification_metrics(fitted[best](scale(test_x)), test_y, classes)
+    say("  logistic regression, val top-1: " + ", ".join(f"L2 {l2:g}: {v:.2f}%" for l2, v in val_top1.items())
+        + f" -> L2 {best:g}")  # fmt: skip
+    entry.update(l2=best, val_top1=val_top1[best], sweep=[{"l2": k, "val_top1": v} for k, v in val_top1.items()],
+                 train_size=int(train_x.shape[0]), val_size=int(val_x.shape[0]),
+                 seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+    entry["summary"] = f"L2 {best:g} chosen on {val_x.shape[0]} validation images ({val_top1[best]:.2f}%)"
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------ runners
+class PixelReader(torch.nn.Module):
+    """Reads images as features: the evaluation-transform pixels, flattened (what :func:`split_features` extracts)."""
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W] -> [N, C*H*W]``."""
+        return flatten(imgs)
+
+
+def pixel_budget(
+    session: Session, config: EvaluateConfig, run_dir: Path, cache: FeatureCache | None = None, skip: str | None = None
+) -> Path:
+    """Raw pixels at one label budget: kNN and logistic regression; writes results.json into ``run_dir``.
+
+    ``skip`` is the probe's reason to be left out (it does not apply here: logistic regression needs a validation
+    split, the stage's own, or a tenth of the labelled images when it has at least two of every class).
+    """
+    splits = session.splits(config=config)
+    accelerator, say = session.accelerator, session.say
+    say(f"pixels: {session.data_line(splits)}; output {run_dir}")
+    session.save_config(splits, run_dir=run_dir, config=config)
+    feats = split_features(PixelReader(), splits, accelerator, config.data, config.progress, cache)
+    protocols: dict[str, Any] = {"knn": knn_protocol(*feats.train, *feats.test, splits.classes, config.knn)}
+    val, skipped = feats.val, {}
+    if val is None:
+        train_pos, val_pos = split_off(feats.train[1].tolist(), 0.1, mix_seed(config.seed, 0x9B0))
+        if val_pos and train_pos:
+            x, y = feats.train
+            feats.train, val = (x[train_pos], y[train_pos]), (x[val_pos], y[val_pos])
+    if val is not None:
+        protocols["logistic"] = logistic_protocol(feats.train, val, feats.test, splits.classes, say=say)
+    else:
+        skipped["logistic"] = "no validation images to choose L2 on: set data.val_size"
+    say("  pixels: " + ", ".join(f"{name} {entry['top1']:.2f}%" for name, entry in protocols.items()))
+    extra: dict[str, Any] = {"skipped": skipped} if skipped else {}
+    h, w = session.encoder.img_size
+    extra.update(
+        init="pixels", variant=None, encoder=None, encoder_desc=f"raw pixels ({session.encoder.in_chans}x{h}x{w})"
+    )
+    session.write_results(splits, "pixels", protocols, run_dir=run_dir, **extra)
+    return run_dir
+
+
+def cnn_budget(
+    session: Session, config: EvaluateConfig, run_dir: Path, cache: FeatureCache | None = None, skip: str | None = None
+) -> Path:
+    """A small-image ResNet trained from scratch on the budget's labelled images with the fine-tune recipe.
+
+    Same images, augmentation, optimiser steps and schedule as the ViT's ``finetune`` (``config.finetune``); one lr
+    for every layer (no layer decay); widths and blocks from ``config.cnn``.
+    """
+    session.reseed()
+    f, c = config.finetune, config.cnn
+    splits = session.splits(finetune_augmentation(session.encoder, session.mean, session.std, f), config=config)
+    model = SmallImageResNet(splits.num_classes, session.encoder.in_chans, c.widths, c.blocks, f.drop_path_rate)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    session.say(f"cnn: ResNet {c.widths} x {c.blocks} blocks, {params:.2f}M parameters, {session.data_line(splits)}")
+    session.save_config(splits, run_dir=run_dir, config=config)
+    entries, _ = finetune(config, model, splits, session.accelerator, run_dir, session.say)  # type: ignore[arg-type]
+    desc = f"ResNet from scratch (small-image stem, widths {c.widths}, blocks {c.blocks}, {params:.2f}M)"
+    session.write_results(
+        splits,
+        "avg",
+        entries,
+        run_dir=run_dir,
+        init="scratch",
+        variant="resnet",
+        encoder=dict(model.config),
+        encoder_desc=desc,
+    )
+    return run_dir

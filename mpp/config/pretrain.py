@@ -28,6 +28,7 @@ class ModelConfig:
     mask_type: str = "random"
     drop_path_rate: float = 0.0
     global_pool: str = "token"
+    stem: str = "linear"  # linear: the paper's patch projection; conv: per-patch convolutions (mpp.models.stem)
 
 
 @dataclass
@@ -106,6 +107,7 @@ def validate_model(model: ModelConfig, prefix: str = "model.") -> None:
     """Impossible model values: unknown variant, ratio outside (0, 1), image not divisible by patch, ..."""
     from mpp.masking import MASK_TYPES
     from mpp.models.registry import MODEL_CONFIGS, model_config
+    from mpp.models.stem import STEMS
 
     check(
         model.name in MODEL_CONFIGS,
@@ -114,6 +116,7 @@ def validate_model(model: ModelConfig, prefix: str = "model.") -> None:
         f"unknown model; valid: {', '.join(sorted(MODEL_CONFIGS))}",
     )
     check(0.0 < model.mask_ratio < 1.0, f"{prefix}mask_ratio", model.mask_ratio, "must be strictly between 0 and 1")
+    check(model.stem in STEMS, f"{prefix}stem", model.stem, f"must be one of {', '.join(STEMS)}")
     check(model.mask_type in MASK_TYPES, f"{prefix}mask_type", model.mask_type, f"must be one of {MASK_TYPES}")
     check(model.global_pool in ("token", "avg"), f"{prefix}global_pool", model.global_pool, "must be token or avg")
     check(0.0 <= model.drop_path_rate < 1.0, f"{prefix}drop_path_rate", model.drop_path_rate, "must be in [0, 1)")
@@ -139,6 +142,8 @@ def model_overrides(model: ModelConfig) -> dict[str, Any]:
     for key in ("img_size", "patch_size", "in_chans"):
         if getattr(model, key) is not None:
             out[key] = getattr(model, key)
+    if model.stem != "linear":
+        out["stem"] = model.stem
     return out
 
 

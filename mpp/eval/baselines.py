@@ -45,8 +45,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     model = torch.nn.Linear(x.shape[1], num_classes)
     torch.nn.init.zeros_(model.weight)
     torch.nn.init.zeros_(model.bias)
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-6, tolerance_change=1e-9, history_size=20)  # fmt: skip
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1.0,
+        max_iter=iters,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        history_size=20,
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -82,11 +89,19 @@ def logistic_protocol(
         val_top1 = {l2: 100.0 * (m(scale(val_x)).argmax(1) == val_y).float().mean().item() for l2, m in fitted.items()}
         best = max(l2_grid, key=lambda l2: (val_top1[l2], l2))  # ties: the stronger regularisation
         entry = classification_metrics(fitted[best](scale(test_x)), test_y, classes)
-    say("  logistic regression, val top-1: " + ", ".join(f"L2 {l2:g}: {v:.2f}%" for l2, v in val_top1.items())
-        + f" -> L2 {best:g}")  # fmt: skip
-    entry.update(l2=best, val_top1=val_top1[best], sweep=[{"l2": k, "val_top1": v} for k, v in val_top1.items()],
-                 train_size=int(train_x.shape[0]), val_size=int(val_x.shape[0]),
-                 seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+    say(
+        "  logistic regression, val top-1: "
+        + ", ".join(f"L2 {l2:g}: {v:.2f}%" for l2, v in val_top1.items())
+        + f" -> L2 {best:g}"
+    )
+    entry.update(
+        l2=best,
+        val_top1=val_top1[best],
+        sweep=[{"l2": k, "val_top1": v} for k, v in val_top1.items()],
+        train_size=int(train_x.shape[0]),
+        val_size=int(val_x.shape[0]),
+        seconds=round(time.perf_counter() - start, 1),
+    )
     entry["summary"] = f"L2 {best:g} chosen on {val_x.shape[0]} validation images ({val_top1[best]:.2f}%)"
     return entry
 
@@ -113,7 +128,9 @@ def pixel_budget(
     say(f"pixels: {session.data_line(splits)}; output {run_dir}")
     session.save_config(splits, run_dir=run_dir, config=config)
     feats = split_features(PixelReader(), splits, accelerator, config.data, config.progress, cache)
-    protocols: dict[str, Any] = {"knn": knn_protocol(*feats.train, *feats.test, splits.classes, config.knn)}
+    protocols: dict[str, Any] = {
+        "knn": knn_protocol(*feats.train, *feats.test, splits.classes, config.knn, val=feats.val)
+    }
     val, skipped = feats.val, {}
     if val is None:
         train_pos, val_pos = split_off(feats.train[1].tolist(), 0.1, mix_seed(config.seed, 0x9B0))

@@ -102,8 +102,16 @@ def scratch_config(session: Session) -> EvaluateConfig:
     img_size, patch = config.img_size or encoder.img_size[0], config.patch_size or encoder.patch_size
     data = replace(config.data, mean=session.mean, std=session.std)
     pool = config.global_pool or encoder.global_pool  # a registry variant's own pooling may differ from the run's
+    stem = getattr(encoder, "stem", "linear")  # the baseline is the same network: a conv stem if the encoder has one
     return replace(
-        config, init="random", model=variant, data=data, img_size=img_size, patch_size=patch, global_pool=pool
+        config,
+        init="random",
+        model=variant,
+        data=data,
+        img_size=img_size,
+        patch_size=patch,
+        global_pool=pool,
+        stem=stem,
     )
 
 
@@ -146,6 +154,8 @@ def budget_point(budget: int | str, results: dict[str, Any], run_dir: Path, root
         "labels_per_class": labels["train_used"] / len(results["classes"]) if budget == BUDGET_ALL else budget,
         "train_used": labels["train_used"],
         "top1": {name: entry["top1"] for name, entry in results["protocols"].items()},
+        # validation top-1 where the protocol measured it (data.val_size): what choices between runs are made on
+        "val_top1": {name: e["val_top1"] for name, e in results["protocols"].items() if e.get("val_top1") is not None},
         "skipped": results.get("skipped", {}),
         "output_dir": str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
     }

@@ -76,7 +76,7 @@ def run_budget(
     session.save_config(splits, run_dir=run_dir, config=config)
     feats = split_features(classifier, splits, accelerator, config.data, config.progress, features)
     protocols: dict[str, Any] = {
-        "knn": knn_protocol(*feats.train, *feats.test, splits.classes, config.knn, accelerator.device)
+        "knn": knn_protocol(*feats.train, *feats.test, splits.classes, config.knn, accelerator.device, val=feats.val)
     }
     say(f"  kNN: top-1 {protocols['knn']['top1']:.2f}%")
     if skip_probe is not None:

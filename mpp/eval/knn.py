@@ -33,19 +33,20 @@ def knn_protocol(
     classes: list[str],
     settings: KnnSettings,
     device: torch.device | str | None = None,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Run kNN on extracted features and measure it: the ``knn`` entry of results.json."""
-    scores = knn_scores(
-        train_feats,
-        train_labels,
-        test_feats,
-        len(classes),
-        settings.k,
-        settings.temperature,
-        settings.query_chunk,
-        device,
-    )
-    entry = classification_metrics(scores, test_labels, classes)
+    """Run kNN on extracted features and measure it: the ``knn`` entry of results.json.
+
+    With ``val`` (validation features and labels) the entry also has ``val_top1``, the figure choices are made on.
+    """
+    s = settings
+
+    def votes(queries: torch.Tensor) -> torch.Tensor:
+        return knn_scores(train_feats, train_labels, queries, len(classes), s.k, s.temperature, s.query_chunk, device)
+
+    entry = classification_metrics(votes(test_feats), test_labels, classes)
+    if val is not None:
+        entry["val_top1"] = 100.0 * (votes(val[0]).argmax(1) == val[1]).float().mean().item()
     entry.update(k=settings.k, temperature=settings.temperature, bank_size=int(train_feats.shape[0]))
     entry["summary"] = f"k={settings.k}, T={settings.temperature}, bank {train_feats.shape[0]}"
     return entry

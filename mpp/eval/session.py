@@ -220,7 +220,8 @@ def open_encoder(config: StageConfig, drop_path_rate: float = 0.0) -> tuple[ViTE
     """The configured encoder (``init``, ``model``) with ``drop_path_rate``, and its metadata, on its stored grid."""
     # Seeded first: a random-init encoder and the heads built after it are the same in every run with this seed.
     set_seed(config.seed)
-    return load_init(config.init, config.model, drop_path_rate=drop_path_rate)
+    overrides = {"stem": config.stem} if config.init == "random" and config.stem else {}
+    return load_init(config.init, config.model, drop_path_rate=drop_path_rate, **overrides)
 
 
 def move_to_grid(encoder: ViTEncoder, config: StageConfig) -> None:

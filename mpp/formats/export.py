@@ -52,6 +52,11 @@ def export_model(
     mean, std = metadata.get("mean"), metadata.get("std")
     if to == "mpp":
         return save_mpp(model, dst, **metadata)
+    if to in ("timm", "hf") and getattr(model, "stem", "linear") != "linear":
+        raise ValueError(
+            f"a stem={model.stem} encoder has no {to} ViT equivalent (its patch embedding is per-patch "
+            "convolutions, not one projection); export it with --to mpp"
+        )
     if to == "timm":
         return save_timm(model, dst, pth=pth, mean=mean, std=std)
     if to == "hf":

@@ -37,8 +37,14 @@ class SmallImageResNet(nn.Module):
             raise ValueError(f"a ResNet has four stages: got widths {list(widths)} and blocks {list(blocks)}")
         self.num_classes = num_classes
         self.config = {"widths": list(widths), "blocks": list(blocks), "in_chans": in_chans}
-        net = ResNet(BasicBlock, tuple(blocks), num_classes=num_classes, in_chans=in_chans, channels=tuple(widths),
-                     drop_path_rate=drop_path_rate)  # fmt: skip
+        net = ResNet(
+            BasicBlock,
+            tuple(blocks),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            channels=tuple(widths),
+            drop_path_rate=drop_path_rate,
+        )
         # timm's plain stem is 64 wide whatever the stages are; only its kernel, stride and pooling change here.
         net.conv1 = nn.Conv2d(in_chans, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()

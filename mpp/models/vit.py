@@ -13,6 +13,7 @@ from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mpp.models.stem import STEMS, PatchConvStem
 from mpp.pos_embed import resize_pos_embed, sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
@@ -35,6 +36,8 @@ class ViTEncoder(nn.Module):
         global_pool: ``"token"`` (cls token) or ``"avg"`` (mean of patch tokens) for :meth:`pool`.
         pos_embed: ``"sincos"`` (fixed 2D table, the MAE default) or ``"learned"`` (1D table, trained).
         drop_path_rate: stochastic depth at the last block (linearly increasing from 0).
+        stem: ``"linear"`` (the paper's patch projection, timm's ``PatchEmbed``) or ``"conv"`` (per-patch
+            convolutions, :class:`mpp.models.stem.PatchConvStem`).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class ViTEncoder(nn.Module):
         global_pool: str = "token",
         pos_embed: str = "sincos",
         drop_path_rate: float = 0.0,
+        stem: str = "linear",
     ) -> None:
         super().__init__()
         # Constructor arguments, saved with exported weights so the encoder can be rebuilt without its code path.
@@ -65,6 +69,10 @@ class ViTEncoder(nn.Module):
             "global_pool": global_pool,
             "pos_embed": pos_embed,
         }
+        if stem != "linear":  # recorded only when used: files of the paper's linear stem stay as they were
+            self.encoder_config["stem"] = stem
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         if global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
@@ -82,7 +90,11 @@ class ViTEncoder(nn.Module):
         self.pos_embed_type = pos_embed
         self.num_prefix_tokens = 1 if class_token else 0
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.stem = stem
+        if stem == "conv":
+            self.patch_embed: nn.Module = PatchConvStem(img_size, patch_size, in_chans, embed_dim)
+        else:
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)  # type: ignore[assignment]
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
@@ -105,7 +117,7 @@ class ViTEncoder(nn.Module):
             self.pos_embed.data.copy_(table.unsqueeze(0))
         else:
             trunc_normal_(self.pos_embed, std=0.02)
-        # Patch embed is a conv but is initialised like a Linear over the flattened patch.
+        # Patch embed is a conv (or the conv stem's Linear) initialised like a Linear over the flattened patch.
         weight = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         if self.cls_token is not None:
@@ -176,6 +188,8 @@ class ViTEncoder(nn.Module):
         if img_size[0] % patch_size or img_size[1] % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         new_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        if patch_size != self.patch_size and self.stem == "conv":
+            raise ValueError(f"stem=conv keeps its patch size {self.patch_size}; another patch size needs stem=linear")
         if patch_size != self.patch_size:
             old = self.patch_embed.proj
             new = nn.Conv2d(self.in_chans, self.embed_dim, patch_size, patch_size)
@@ -189,9 +203,12 @@ class ViTEncoder(nn.Module):
         else:
             table = resize_pos_embed(self.pos_embed.data, self.grid_size, new_grid, self.num_prefix_tokens)
         self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
-        self.patch_embed.img_size = img_size
-        self.patch_embed.grid_size = new_grid
-        self.patch_embed.num_patches = new_grid[0] * new_grid[1]
+        if isinstance(self.patch_embed, PatchConvStem):
+            self.patch_embed.set_size(img_size)
+        else:
+            self.patch_embed.img_size = img_size
+            self.patch_embed.grid_size = new_grid
+            self.patch_embed.num_patches = new_grid[0] * new_grid[1]
         self.img_size = img_size
         self.grid_size = new_grid
         self.num_patches = new_grid[0] * new_grid[1]

@@ -180,8 +180,13 @@ def test_folder_source_and_limit(tmp_path):
 # ------------------------------------------------------------------------------------------------ processes
 @pytest.mark.slow
 def test_two_processes_track_one_process(tmp_path):
-    """2 processes x batch 4 see the same samples, augmentations and masks as 1 process x batch 8."""
-    common = [*TINY, "optim.epochs=1", "model.drop_path_rate=0.0"]
+    """2 processes x batch 4 see the same samples, augmentations and masks as 1 process x batch 8 (conv stem)."""
+    common = [
+        *TINY,
+        "optim.epochs=1",
+        "model.drop_path_rate=0.0",
+        "model.stem=conv",
+    ]  # linear: the other 2-process runs
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     single = subprocess.run([sys.executable, "-m", "mpp", "pretrain", *common, f"output_dir={tmp_path / 'one'}"],
                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -168,6 +168,9 @@ class EvaluateConfig(StageConfig):
     scratch_init: str | None = None  # the baseline; None: the encoder's registry variant from random init
     # With budgets, on the same labelled images: raw pixels (kNN + logistic regression) and a CNN from scratch.
     baselines: list[str] | str = field(default_factory=lambda: ["pixels", "cnn"])
+    # With budgets: run the budgets of seeded_budgets labels per class or fewer once per label seed (mean and spread).
+    label_seeds: list[int] | None = None
+    seeded_budgets: int = 10
     cnn: CnnSettings = field(default_factory=CnnSettings)
 
     def __post_init__(self) -> None:
@@ -267,6 +270,11 @@ def check_stage(config: StageConfig) -> None:
     for section, checker in (("knn", _check_knn), ("probe", _check_probe), ("finetune", _check_finetune)):
         if (settings := getattr(config, section, None)) is not None:
             checker(settings)
+    seeds = getattr(config, "label_seeds", None)
+    if seeds is not None:
+        check(len(seeds) >= 2 and len(set(seeds)) == len(seeds) and min(seeds) >= 0, "label_seeds", seeds,
+              "must be two or more different seeds >= 0, e.g. label_seeds=[0,1,2]")  # fmt: skip
+        check(config.seeded_budgets >= 1, "seeded_budgets", config.seeded_budgets, "must be >= 1")
     for name in getattr(config, "baselines", []):
         check(name in BASELINES, "baselines", name, f"must be among {', '.join(BASELINES)} (or none)")
     cnn = getattr(config, "cnn", None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -161,6 +162,31 @@ def budget_point(budget: int | str, results: dict[str, Any], run_dir: Path, root
     }
 
 
+def seeds_of(config: EvaluateConfig, budget: int | str) -> list[int | None]:
+    """The label seeds a budget runs with (``None``: the config's own, one run).
+
+    ``label_seeds`` apply at ``seeded_budgets`` labels per class or fewer, where one subset is too noisy to rank on.
+    """
+    if config.label_seeds and budget != BUDGET_ALL and int(budget) <= config.seeded_budgets:
+        return list(config.label_seeds)
+    return [None]
+
+
+def merge_seeds(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """One budget's point from its runs over label seeds: mean top-1, and each seed's and the spread (std) beside it."""
+    if len(points) == 1:
+        return points[0]
+    first = points[0]
+    names = [n for n in first["top1"] if all(n in p["top1"] for p in points)]
+    by_seed = {n: [p["top1"][n] for p in points] for n in names}
+    merged = {**first, "top1": {n: sum(v) / len(v) for n, v in by_seed.items()}, "top1_by_seed": by_seed}
+    merged["spread"] = {n: statistics.stdev(v) for n, v in by_seed.items()}
+    merged["val_top1"] = {n: sum(p["val_top1"][n] for p in points) / len(points) for n in first["val_top1"]
+                          if all(n in p["val_top1"] for p in points)}  # fmt: skip
+    merged["output_dir"] = str(Path(first["output_dir"]).parent)
+    return merged
+
+
 def summary_line(role: str, point: dict[str, Any], mae: dict[str, Any] | None) -> str:
     """One line per run: the budget, top-1 per protocol and, for the baseline, what pretraining gains over it."""
     budget = point["budget"]
@@ -197,12 +223,20 @@ def sweep(session: Session, run_budget: RunBudget) -> Path:
     for role, contender, runner in roles:
         cache = FeatureCache()  # one per encoder: features are its own
         for budget in config.budgets:
-            where = check_output_dir(out / role / budget_dir(budget))
-            run_config = single_budget(contender.config, budget, where)  # type: ignore[arg-type]
-            run_dir = runner(contender, run_config, where, cache, probe_skip(run_config, budget))
+            points = []
+            for seed in seeds_of(config, budget):  # small budgets: once per label subset, reported as mean and spread
+                where = check_output_dir(
+                    out / role / budget_dir(budget) / (f"labels{seed}" if seed is not None else "")
+                )
+                run_config = single_budget(contender.config, budget, where)  # type: ignore[arg-type]
+                if seed is not None:
+                    run_config = replace(run_config, label_seed=seed)
+                run_dir = runner(contender, run_config, where, cache, probe_skip(run_config, budget))
+                if session.main:
+                    last = results = json.loads((run_dir / "results.json").read_text())
+                    points.append(budget_point(budget, results, run_dir, out))
             if not session.main:
                 continue
-            last = results = json.loads((run_dir / "results.json").read_text())
             entry = encoders.setdefault(
                 role,
                 {
@@ -212,7 +246,7 @@ def sweep(session: Session, run_budget: RunBudget) -> Path:
                     "results": [],
                 },
             )
-            point = budget_point(budget, results, run_dir, out)
+            point = merge_seeds(points)
             mae = encoders["mae"]["results"][len(entry["results"])] if role != "mae" else None
             entry["results"].append(point)
             session.say(summary_line(role, point, mae))
@@ -244,13 +278,17 @@ def efficiency_report(config: EvaluateConfig, results: dict[str, Any], encoders:
         "test_size": results["labels"]["test_size"],
         "label_seed": results["labels"]["label_seed"],
         "budgets": list(config.budgets or []),
+        "label_seeds": list(config.label_seeds or []),
+        "seeded_budgets": config.seeded_budgets,
         "protocols": protocols,
         "encoders": encoders,
     }
 
 
-def _cell(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _cell(value: float | None, spread: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if spread is None else f"{value:.2f} ± {spread:.2f}"
 
 
 def _budget_cell(point: dict[str, Any]) -> str:
@@ -288,7 +326,13 @@ def efficiency_markdown(report: dict[str, Any]) -> str:
         "",
         f"Top-1 accuracy (%) on {report['test_size']} test images, every column on the same labelled images (seed "
         f"{report['label_seed']}; a smaller budget's are among a larger one's)."
-        + (" The last column is the best MAE protocol minus the best baseline, in points." if others else ""),
+        + (" The last column is the best MAE protocol minus the best baseline, in points." if others else "")
+        + (
+            f" Budgets of up to {report['seeded_budgets']} labels per class: mean ± std over label seeds "
+            f"{report['label_seeds']}."
+            if report.get("label_seeds")
+            else ""
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|---|" + "---:|" * (len(header) - 1),
@@ -298,7 +342,7 @@ def efficiency_markdown(report: dict[str, Any]) -> str:
         points = {r: encoders[r]["results"][i] for r in roles}
         row = [_budget_cell(mae), str(mae["train_used"])]
         for role, name in shown:
-            row.append(_cell(points[role]["top1"].get(name)))
+            row.append(_cell(points[role]["top1"].get(name), points[role].get("spread", {}).get(name)))
             if name in points[role]["skipped"]:
                 where = f"{ROLE_NAMES[role]} {PROTOCOL_NAMES.get(name, name)} at {_budget_cell(mae)} per class"
                 notes[where] = points[role]["skipped"][name]
@@ -398,6 +442,13 @@ def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560)
         for role, p in curves(report)
     ]
     ys = [y for _, _, pts in lines_drawn for _, y in pts if y is not None]
+    ys += [
+        v
+        for e in report["encoders"].values()
+        for p in e["results"]
+        for vs in p.get("top1_by_seed", {}).values()
+        for v in vs
+    ]
     lx0, lx1 = _axis_range([x for x, _ in ticks], log=True)
     y0, y1 = _axis_range(ys, log=False)
 
@@ -429,6 +480,11 @@ def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560)
     for protocol, role, pts in lines_drawn:
         xy = [(px(x), py(y)) for x, y in pts if y is not None]
         _series_line(draw, xy, colours[(role, protocol)], role != "mae", s)
+        for point in report["encoders"][role]["results"]:  # the label seeds' range, where there were several
+            seen = point.get("top1_by_seed", {}).get(protocol)
+            if seen:
+                x = px(point["labels_per_class"])
+                draw.line([(x, py(min(seen))), (x, py(max(seen)))], fill=colours[(role, protocol)], width=2 * s)
     # Legend beside the plot, one entry per curve.
     lx, ly = right + 20 * s, top
     for protocol, role, _ in lines_drawn:

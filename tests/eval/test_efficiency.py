@@ -126,6 +126,19 @@ def test_sweep_protocols_of_each_encoder_and_baseline(sweep_dir):
     assert json.loads((sweep_dir / "pixels/4_per_class/results.json").read_text())["labels"] == run["labels"]
 
 
+def test_small_budgets_over_label_seeds_report_mean_and_spread(tmp_path, encoder_run):
+    out = tmp_path / "seeds"
+    args = ["evaluate", str(encoder_run), *SYNTH, "budgets=2,all", "label_seeds=[0,1,2]", "seeded_budgets=2",
+            "compare_random=false", f"output_dir={out}"]  # fmt: skip
+    assert cli_main(args) == 0
+    small, whole = json.loads((out / "efficiency.json").read_text())["encoders"]["mae"]["results"]
+    knn = small["top1_by_seed"]["knn"]
+    assert len(knn) == 3 and small["top1"]["knn"] == pytest.approx(sum(knn) / 3) and small["spread"]["knn"] >= 0
+    subsets = [json.loads((out / f"mae/2_per_class/labels{s}/results.json").read_text())["labels"] for s in (0, 1, 2)]
+    assert [s["label_seed"] for s in subsets] == [0, 1, 2] and "top1_by_seed" not in whole  # "all" has one subset
+    assert "±" in (out / "efficiency.md").read_text()
+
+
 def test_sweep_table_and_plot(sweep_dir):
     table = (sweep_dir / "efficiency.md").read_text()
     assert (

@@ -272,8 +272,12 @@ def check_stage(config: StageConfig) -> None:
             checker(settings)
     seeds = getattr(config, "label_seeds", None)
     if seeds is not None:
-        check(len(seeds) >= 2 and len(set(seeds)) == len(seeds) and min(seeds) >= 0, "label_seeds", seeds,
-              "must be two or more different seeds >= 0, e.g. label_seeds=[0,1,2]")  # fmt: skip
+        check(
+            len(seeds) >= 2 and len(set(seeds)) == len(seeds) and min(seeds) >= 0,
+            "label_seeds",
+            seeds,
+            "must be two or more different seeds >= 0, e.g. label_seeds=[0,1,2]",
+        )
         check(config.seeded_budgets >= 1, "seeded_budgets", config.seeded_budgets, "must be >= 1")
     for name in getattr(config, "baselines", []):
         check(name in BASELINES, "baselines", name, f"must be among {', '.join(BASELINES)} (or none)")

@@ -181,8 +181,11 @@ def merge_seeds(points: list[dict[str, Any]]) -> dict[str, Any]:
     by_seed = {n: [p["top1"][n] for p in points] for n in names}
     merged = {**first, "top1": {n: sum(v) / len(v) for n, v in by_seed.items()}, "top1_by_seed": by_seed}
     merged["spread"] = {n: statistics.stdev(v) for n, v in by_seed.items()}
-    merged["val_top1"] = {n: sum(p["val_top1"][n] for p in points) / len(points) for n in first["val_top1"]
-                          if all(n in p["val_top1"] for p in points)}  # fmt: skip
+    merged["val_top1"] = {
+        n: sum(p["val_top1"][n] for p in points) / len(points)
+        for n in first["val_top1"]
+        if all(n in p["val_top1"] for p in points)
+    }
     merged["output_dir"] = str(Path(first["output_dir"]).parent)
     return merged
 

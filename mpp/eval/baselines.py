@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from mpp.config import EvaluateConfig
-from mpp.data.sampling import mix_seed
 from mpp.eval.features import FeatureCache, split_features
 from mpp.eval.finetune import finetune, finetune_augmentation
 from mpp.eval.knn import knn_protocol
-from mpp.eval.labels import split_off
+from mpp.eval.labels import carve_features
 from mpp.eval.metrics import classification_metrics
 from mpp.eval.session import Session
 from mpp.models.cnn import SmallImageResNet
@@ -131,14 +130,11 @@ def pixel_budget(
     protocols: dict[str, Any] = {
         "knn": knn_protocol(*feats.train, *feats.test, splits.classes, config.knn, val=feats.val)
     }
-    val, skipped = feats.val, {}
-    if val is None:
-        train_pos, val_pos = split_off(feats.train[1].tolist(), 0.1, mix_seed(config.seed, 0x9B0))
-        if val_pos and train_pos:
-            x, y = feats.train
-            feats.train, val = (x[train_pos], y[train_pos]), (x[val_pos], y[val_pos])
+    train, val, skipped = feats.train, feats.val, {}
+    if val is None and (carved := carve_features(*feats.train, 0.1, config.seed)) is not None:
+        train, val = carved
     if val is not None:
-        protocols["logistic"] = logistic_protocol(feats.train, val, feats.test, splits.classes, say=say)
+        protocols["logistic"] = logistic_protocol(train, val, feats.test, splits.classes, say=say)
     else:
         skipped["logistic"] = "no validation images to choose L2 on: set data.val_size"
     say("  pixels: " + ", ".join(f"{name} {entry['top1']:.2f}%" for name, entry in protocols.items()))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from mpp.data.holdout import by_class, proportional_counts, shuffled
 from mpp.data.sampling import mix_seed
 
@@ -92,3 +94,17 @@ def split_off(
     val_set = set(val)
     train = [i for members in groups.values() for i in members if i not in val_set]
     return sorted(train), sorted(val)
+
+
+def carve_features(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """Features ``(x, y)`` of labelled images split into ``(train, val)`` by :func:`split_off` (``None``: too few).
+
+    The stand-in validation split of the cached probe and the pixels' logistic regression when a stage has no
+    ``data.val_size``; one salt, so both carve the same images from the same labels and seed.
+    """
+    train_pos, val_pos = split_off(y.tolist(), fraction, mix_seed(seed, 0x9B0))
+    if not train_pos or not val_pos:
+        return None
+    return (x[train_pos], y[train_pos]), (x[val_pos], y[val_pos])

@@ -36,7 +36,7 @@ from mpp.config.command import command_main
 from mpp.data.sampling import SeededItems, mix_seed
 from mpp.data.transforms import pretrain_transform
 from mpp.eval.features import batched, split_features, validation_top1
-from mpp.eval.labels import split_off
+from mpp.eval.labels import carve_features
 from mpp.eval.metrics import classification_metrics
 from mpp.eval.session import Session, Splits
 from mpp.models.classifier import PROBE_HEAD_STD, ViTClassifier
@@ -167,17 +167,17 @@ def cached_probe(
     ``val`` is the stage's validation split (``data.val_size``): the heads then train on every labelled image and
     the lr is chosen on it. Without it ``probe.val_fraction`` of the labelled images is carved off for the choice.
     """
-    if val is not None:
-        train_pos, val_pos = list(range(len(train_y))), []
-        fit_x, fit_y, (val_x, val_y), where = train_x, train_y, val, "the validation split"
-    else:
-        train_pos, val_pos = split_off(train_y.tolist(), settings.val_fraction, mix_seed(seed, 0x9B0))
-        if not val_pos or not train_pos:
+    where = "the validation split"
+    if val is None:
+        carved = carve_features(train_x, train_y, settings.val_fraction, seed)
+        if carved is None:
             raise ValueError(
                 f"{len(train_y)} training images are too few to hold out a validation split for the lr sweep"
             )
-        fit_x, fit_y, where = train_x[train_pos], train_y[train_pos], f"carved from train, seed {seed}"
-        val_x, val_y = train_x[val_pos], train_y[val_pos]
+        (train_x, train_y), val = carved
+        where = f"carved from train, seed {seed}"
+    (fit_x, fit_y), (val_x, val_y) = (train_x, train_y), val
+    train_pos = list(range(len(fit_y)))
     batch = min(settings.batch_size, len(train_pos))
     eff = effective_batch(batch, 1, 1)
     plan = plan_schedule(replace(settings, batch_size=batch, accum_steps=1), len(train_pos), 1, "probe")

@@ -2,8 +2,10 @@
 
 Each row runs ``mpp pretrain --recipe BASE <overrides>`` into ``runs/ablation/<name>`` (skipped when the run already
 finished), times it, reads the kNN monitor's last reading from metrics.jsonl (both poolings, on a train-split
-subset), then runs ``mpp evaluate`` (kNN + cached linear probe, avg pooling by default) on the test set with
-``--labels`` labelled training images per class. Results are appended to a JSON file and printed as a markdown table.
+subset), then runs ``mpp evaluate`` (kNN + cached linear probe, avg pooling by default) with ``--labels`` labelled
+training images per class. With ``--val-size N`` (default 5000) both the pretraining and the evaluation hold the same
+seeded N training images out: they are never pretrained on, and each row records its validation figure (what a
+choice is made on) beside the test figure. Results are appended to a JSON file and printed as a markdown table.
 Run one at a time on an idle machine: minutes are wall-clock.
 
     .venv/bin/python benchmarks/ablate_fmnist.py --base recipes/fmnist_demo.yaml \\
@@ -44,24 +46,34 @@ def last_monitor(run_dir: Path) -> dict:
     return out
 
 
-def pretrain(base: str, overrides: list[str], run_dir: Path) -> float:
+def pretrain(base: str, overrides: list[str], run_dir: Path, val: list[str]) -> float:
     """Run the pretraining unless finished; wall minutes (0 when it was already there)."""
     if (run_dir / "encoder.safetensors").is_file():
         return 0.0
     start = time.perf_counter()
-    cmd = [*MPP, "pretrain", "--recipe", base, *overrides, f"output_dir={run_dir}", "progress=false"]
+    cmd = [*MPP, "pretrain", "--recipe", base, *val, *overrides, f"output_dir={run_dir}", "progress=false"]
     subprocess.run(cmd, check=True)
     return (time.perf_counter() - start) / 60
 
 
 def evaluate(init: str, out: Path, labels: int | None, pool: str, extra: list[str]) -> dict:
-    """kNN and cached linear probe top-1 (%) on the test set."""
+    """kNN and cached linear probe top-1 (%) on the test set, and on validation when held out."""
     budget = [f"labels_per_class={labels}"] if labels else []
     cmd = [*MPP, "evaluate", init, "--recipe", "recipes/evaluate_fmnist.yaml", f"global_pool={pool}",
            f"output_dir={out}", "progress=false", *budget, *extra]  # fmt: skip
     subprocess.run(cmd, check=True)
     results = json.loads((out / "results.json").read_text())["protocols"]
-    return {"knn": results["knn"]["top1"], "probe": results["probe"]["top1"]}
+    out = {"knn": results["knn"]["top1"], "probe": results["probe"]["top1"]}
+    for name in ("knn", "probe"):
+        if results[name].get("val_top1") is not None:
+            out[f"{name}_val"] = results[name]["val_top1"]
+    return out
+
+
+def shown(row: dict, name: str) -> str:
+    """``val (test)`` when the row has a validation figure, else the test figure alone."""
+    test = f"{row[name]:.2f}"
+    return f"{row[name + '_val']:.2f} ({test})" if row.get(name + "_val") is not None else test
 
 
 def main() -> int:
@@ -78,10 +90,12 @@ def main() -> int:
     )
     parser.add_argument("--pool", default="avg", choices=["avg", "token"])
     parser.add_argument("--model", default="mae_vit_tiny_patch4", help="architecture of the 'random' row")
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation (0: none)")
     parser.add_argument("--out", default="benchmarks/results/ablation_fmnist.json")
     args = parser.parse_args()
     out_path = Path(args.out)
     table = json.loads(out_path.read_text()) if out_path.is_file() else {"cpu": cpu_name(), "rows": {}}
+    val = [f"data.val_size={args.val_size}"] if args.val_size else []
     for spec in args.row:
         name, _, rest = spec.partition(":")
         overrides = rest.split()
@@ -90,9 +104,9 @@ def main() -> int:
         if name == "random":
             row = {"base": None, "overrides": [], "minutes": 0.0}
             row.update(evaluate("random", run_dir / key.replace("/", "_"), args.labels, args.pool,
-                                [f"model={args.model}"]))  # fmt: skip
+                                [f"model={args.model}", *val]))  # fmt: skip
         else:
-            minutes = pretrain(args.base, overrides, run_dir)
+            minutes = pretrain(args.base, overrides, run_dir, val)
             row = {"base": args.base, "overrides": overrides}
             row["minutes"] = round(minutes, 2) if minutes else table["rows"].get(key, {}).get("minutes")
             row.update(last_monitor(run_dir))
@@ -100,20 +114,20 @@ def main() -> int:
                 row.update(knn=float("nan"), probe=float("nan"))
             else:
                 eval_dir = run_dir / f"eval_{key.split('@')[1].replace('/', '_')}"
-                row.update(evaluate(str(run_dir), eval_dir, args.labels, args.pool, []))
+                row.update(evaluate(str(run_dir), eval_dir, args.labels, args.pool, val))
         row.update(labels_per_class=args.labels or "all", pool=args.pool)
         table["rows"][key] = row
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(table, indent=1))
         print(json.dumps({key: row}), flush=True)
     print(f"\nCPU: {table['cpu']}\n")
-    print("| row | overrides | minutes | loss | monitor kNN token / avg | kNN | probe | labels/class, pool |")
+    print("| row | overrides | minutes | loss | monitor kNN tok / avg | kNN val (test) | probe val (test) | labels |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for key, r in table["rows"].items():
         mon = f"{r.get('knn_token', '-')} / {r.get('knn_avg', '-')}"
         print(
             f"| {key.split('@')[0]} | `{' '.join(r['overrides'])}` | {r['minutes']} | {r.get('final_loss', '-')} | "
-            f"{mon} | {r['knn']:.2f} | {r['probe']:.2f} | {r['labels_per_class']}, {r['pool']} |"
+            f"{mon} | {shown(r, 'knn')} | {shown(r, 'probe')} | {r['labels_per_class']}, {r['pool']} |"
         )
     return 0
 

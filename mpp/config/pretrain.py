@@ -29,6 +29,10 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     global_pool: str = "token"
     stem: str = "linear"  # linear: the paper's patch projection; conv: per-patch convolutions (mpp.models.stem)
+    # The pixel decoder (pretraining only; None: the variant's). The MAE paper's Table 1 ablates depth and width.
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
 
 
 @dataclass
@@ -126,8 +130,15 @@ def validate_model(model: ModelConfig, prefix: str = "model.") -> None:
     check(
         img > 0 and img % patch == 0, f"{prefix}img_size", img, f"must be a positive multiple of the patch size {patch}"
     )
-    if model.in_chans is not None:
-        check(model.in_chans > 0, f"{prefix}in_chans", model.in_chans, "must be positive")
+    for key in ("in_chans", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        value = getattr(model, key)
+        check(value is None or value > 0, f"{prefix}{key}", value, "must be positive")
+    check(
+        resolved["decoder_embed_dim"] % resolved["decoder_num_heads"] == 0,
+        f"{prefix}decoder_embed_dim",
+        resolved["decoder_embed_dim"],
+        f"must be a multiple of decoder_num_heads {resolved['decoder_num_heads']}",
+    )
 
 
 def model_overrides(model: ModelConfig) -> dict[str, Any]:
@@ -139,7 +150,7 @@ def model_overrides(model: ModelConfig) -> dict[str, Any]:
         "drop_path_rate": model.drop_path_rate,
         "global_pool": model.global_pool,
     }
-    for key in ("img_size", "patch_size", "in_chans"):
+    for key in ("img_size", "patch_size", "in_chans", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(model, key) is not None:
             out[key] = getattr(model, key)
     if model.stem != "linear":

@@ -46,6 +46,10 @@ def parse_command_line(prog: str, description: str, argv: list[str] | None, take
 def resolve_command_config(cls: type, args: argparse.Namespace) -> Any:
     """The command's config from its parsed command line (``--resume``: the saved settings of that run)."""
     base = settings_to_resume(args.resume, args.recipe) if args.resume else None
+    if base is None and not args.recipe and getattr(cls, "derives_settings", False):
+        from mpp.config.rules import rule_settings
+
+        base = rule_settings(args.overrides)  # no recipe: settings from the data's fingerprint (or None)
     return build_config(cls, None if base is not None else args.recipe, args.overrides, base=base, init=args.init)
 
 

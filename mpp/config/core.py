@@ -63,6 +63,9 @@ class ScheduleConfig:
     min_lr: float = 0.0
     min_steps: int = 0
     weight_decay: float = 0.05
+    # A wall-clock budget in minutes (mpp.train.budget): the pace of the first steps fixes the step count so warmup +
+    # cosine end when the budget does; ``epochs`` is then ignored. None: run ``epochs``.
+    minutes: float | None = None
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -281,9 +284,9 @@ def check_positive(section: Any, prefix: str, *names: str) -> None:
 
 def check_schedule(section: ScheduleConfig, prefix: str) -> None:
     """A schedule section's impossible values."""
-    check_positive(section, prefix, "epochs", "batch_size", "accum_steps", "blr", "lr")
+    check_positive(section, prefix, "epochs", "batch_size", "accum_steps", "blr", "lr", "minutes")
     check(
-        0 <= section.warmup_epochs <= section.epochs,
+        section.warmup_epochs >= 0 and (section.minutes or section.warmup_epochs <= section.epochs),
         f"{prefix}warmup_epochs",
         section.warmup_epochs,
         "must be in [0, epochs]",

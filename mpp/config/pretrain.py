@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from mpp.config.core import (
     ScheduleConfig,
@@ -67,12 +67,14 @@ class MonitorConfig:
     """The online kNN monitor (:mod:`mpp.train.monitor`): kNN top-1 on a labelled subset of the *training* split.
 
     ``samples`` images are drawn once (seeded); ``query_fraction`` of them are queries, the rest the memory bank. A
-    reading is taken at the start (random init) and every ``every_epochs`` epochs; it is skipped with a note when the
-    data has no labels.
+    reading is taken at the start (random init) and every ``every_epochs`` epochs (None: as often as keeps the
+    readings within ``max_share`` of the run, from the first reading's cost and the first steps' pace); it is skipped
+    with a note when the data has no labels.
     """
 
     enabled: bool = True
-    every_epochs: int = 1
+    every_epochs: int | None = None
+    max_share: float = 0.05
     samples: int = 5000
     query_fraction: float = 0.2
     k: int = 20
@@ -84,10 +86,14 @@ class MonitorConfig:
 class PretrainConfig:
     """A whole pretraining run."""
 
+    derives_settings: ClassVar[bool] = True  # without a recipe, mpp.config.rules may size the run from the data
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    # Settings from the data (mpp.config.rules) when there is no recipe: None: when data.path is given; true: always
+    auto: bool | None = None
     output_dir: str = "runs/pretrain"
     seed: int = 0
     mixed_precision: str = "auto"
@@ -97,6 +103,9 @@ class PretrainConfig:
     cpu: bool = False
     log_every: int = 10
     checkpoint_every_steps: int | None = None
+    # Epoch-end checkpoints and reconstruction pictures; None: about 20 per run (every epoch up to 20 epochs), so a
+    # small dataset's hundreds of short epochs do not spend the run writing them.
+    checkpoint_every_epochs: int | None = None
     keep_checkpoints: int = 2
     stop_at_step: int | None = None
     viz_samples: int = 8
@@ -175,7 +184,8 @@ def check_pretrain(config: PretrainConfig) -> None:
         check(d.stream_threads >= 1, "data.stream_threads", d.stream_threads, "must be >= 1")
     check_schedule(config.optim, "optim.")
     m = config.monitor
-    check(m.every_epochs > 0, "monitor.every_epochs", m.every_epochs, "must be positive")
+    check(m.every_epochs is None or m.every_epochs > 0, "monitor.every_epochs", m.every_epochs, "must be positive")
+    check(0 < m.max_share < 1, "monitor.max_share", m.max_share, "must be in (0, 1)")
     check(m.samples >= 2, "monitor.samples", m.samples, "must be at least 2 (a bank and a query)")
     check(0 < m.query_fraction < 1, "monitor.query_fraction", m.query_fraction, "must be strictly between 0 and 1")
     check(m.k > 0, "monitor.k", m.k, "must be positive")
@@ -184,6 +194,8 @@ def check_pretrain(config: PretrainConfig) -> None:
     check_precision(config.mixed_precision)
     check(config.log_every > 0, "log_every", config.log_every, "must be positive")
     check(config.keep_checkpoints > 0, "keep_checkpoints", config.keep_checkpoints, "must be positive")
+    every = config.checkpoint_every_epochs
+    check(every is None or every > 0, "checkpoint_every_epochs", every, "must be positive")
     check(
         config.stop_at_step is None or config.stop_at_step > 0, "stop_at_step", config.stop_at_step, "must be positive"
     )

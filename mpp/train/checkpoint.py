@@ -260,6 +260,7 @@ class Checkpointer:
     keep: int = 2
     every_steps: int | None = 0
     every_epochs: int = 1
+    per_run: int | None = None  # instead of every_epochs: about this many epoch-end checkpoints over the whole run
     extra_state: Callable[[], dict[str, Any]] | None = None
     writer: Callable[[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]], Path | None] | None = None
     last_saved: dict[str, Any] | None = field(default=None, init=False)
@@ -269,8 +270,12 @@ class Checkpointer:
         self.every_epochs = max(1, self.every_epochs)
 
     def due(self, epoch: int, schedule: Any) -> bool:
-        """Whether a completed ``epoch`` of ``schedule`` gets a checkpoint (every ``every_epochs``, and the last)."""
-        return epoch % self.every_epochs == 0 or epoch == schedule.epochs
+        """Whether a completed ``epoch`` of ``schedule`` gets a checkpoint (every ``every_epochs``, and the last).
+
+        With ``per_run`` the cadence follows the schedule as it stands (a budget fixes its epochs mid-run).
+        """
+        every = max(1, schedule.epochs // self.per_run) if self.per_run else self.every_epochs
+        return epoch % every == 0 or epoch == schedule.epochs
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Path | None:
         """Write a checkpoint of the (unwrapped) model, the optimizer and ``state``; the path on the main process.

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from mpp.data.sampling import EpochLoader, loader_workers, mix_seed
 from mpp.data.skips import start_skip_log
 from mpp.runtime import NonFiniteLossError, one_line
+from mpp.train.budget import STATE_KEY, BudgetPlan, StepTimer, steps_in_budget
 from mpp.train.checkpoint import Checkpoint, Checkpointer, TrainState, restore, restore_scaler
 from mpp.train.optim import Schedule, set_lr
 
@@ -229,6 +230,10 @@ class FitHooks:
 
     on_step: Callable[[StepInfo], None] | None = None
     on_epoch_end: Callable[[TrainState], None] | None = None
+    # Once the pace is known (seconds per step, the schedule): the stage's other seconds per epoch (monitor readings),
+    # which a budget leaves room for; the stage may set its own cadences from the pace here.
+    on_pace: Callable[[float, Schedule], float] | None = None
+    on_plan: Callable[[BudgetPlan], None] | None = None  # a budget fixed the step count (record it)
 
 
 class _StepWatch:
@@ -238,7 +243,7 @@ class _StepWatch:
         self,
         accelerator: Accelerator,
         bar: tqdm,
-        total: int,
+        schedule: Schedule,
         log: RunLog | None,
         log_every: int,
         hooks: FitHooks,
@@ -250,19 +255,22 @@ class _StepWatch:
         self.bar = bar
         self.meter, self.epoch_meter = Throughput(), Throughput()
         self.losses = LossWindow(accelerator)
-        self.total, self.log, self.log_every, self.hooks, self.bar_extra = total, log, log_every, hooks, bar_extra
-        self.save, self.every_steps, self.stop_at_step = save, every_steps, stop_at_step
+        self.schedule, self.log, self.log_every, self.hooks = schedule, log, log_every, hooks
+        self.bar_extra, self.save, self.every_steps, self.stop_at_step = bar_extra, save, every_steps, stop_at_step
         self.stop = False
+        self.pacer: Callable[[int], None] | None = None
 
     def __call__(self, info: StepInfo) -> bool:
-        """Account for one step; ``True`` asks the epoch to stop (``stop_at_step`` reached)."""
+        """Account for one step; ``True`` asks the epoch to stop (``stop_at_step`` or a budget's last step reached)."""
         self.meter.update(info.images)
         self.epoch_meter.update(info.images)
         self.losses.add(info)
         self.bar.update(1)
         if self.hooks.on_step is not None:
             self.hooks.on_step(info)
-        if info.step % self.log_every == 0 or info.step == self.total:
+        if self.pacer is not None:
+            self.pacer(info.step)
+        if info.step % self.log_every == 0 or info.step == self.schedule.total_steps:
             loss = self.losses.read(info.step)
             record = {
                 "step": info.step,
@@ -279,7 +287,7 @@ class _StepWatch:
         if self.every_steps and info.step % self.every_steps == 0:
             self.save()
         self.stop = self.stop_at_step is not None and info.step >= self.stop_at_step
-        return self.stop
+        return self.stop or info.step >= self.schedule.total_steps
 
 
 def fit(
@@ -301,6 +309,8 @@ def fit(
     progress: bool = False,
     bar_extra: dict[str, str] | None = None,
     say: Callable[[str], None] | None = None,
+    started: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> bool:
     """Train from ``state`` to the end of the schedule (or ``stop_at_step``); ``True`` when all epochs are done.
 
@@ -322,8 +332,11 @@ def fit(
         progress: show a progress bar (main process only).
         bar_extra: extra fields for the bar (a stage may update them from its hooks).
         say: where the per-epoch line goes (first, every tenth, and last epoch); ``None`` prints nothing.
+        started: ``clock()`` when the run began (a budget counts from there); default: now.
+        clock: seconds, for the pace of the first steps (:mod:`mpp.train.budget`; tests fake it).
     """
     hooks = hooks or FitHooks()
+    started = clock() if started is None else started
 
     def save() -> Path | None:
         assert checkpointer is not None
@@ -334,21 +347,23 @@ def fit(
     extra = bar_extra if bar_extra is not None else {}  # the caller's dict: its later updates show on the bar
     show = progress and accelerator.is_local_main_process
     bar = tqdm(total=schedule.total_steps, initial=state.step, disable=not show, unit="step", dynamic_ncols=True)
-    watch = _StepWatch(
-        accelerator, bar, schedule.total_steps, log, log_every, hooks, extra, save, every_steps, stop_at_step
-    )
+    watch = _StepWatch(accelerator, bar, schedule, log, log_every, hooks, extra, save, every_steps, stop_at_step)
+    watch.pacer = _pacer(accelerator, schedule, state, hooks, bar, say, started, clock)
     try:
-        while state.epoch < schedule.epochs and not watch.stop:
+        while state.step < schedule.total_steps and not watch.stop:
             if stop_at_step is not None and state.step >= stop_at_step:
                 break
-            usable = schedule.micro_batches_per_epoch - state.batch_in_epoch
+            usable = min(
+                schedule.micro_batches_per_epoch - state.batch_in_epoch,
+                (schedule.total_steps - state.step) * schedule.accum_steps,
+            )
             batches = (b for i, b in enumerate(loader_for(state.epoch, state.batch_in_epoch)) if i < usable)
             train_one_epoch(
                 accelerator, model, optimizer, batches, loss_fn, state, schedule, clip_grad, seed, on_step=watch
             )
             watch.losses.read(state.step)
-            if state.batch_in_epoch >= schedule.micro_batches_per_epoch:
-                _close_epoch(state, schedule, watch, say)
+            if state.batch_in_epoch >= schedule.micro_batches_per_epoch or state.step >= schedule.total_steps:
+                _close_epoch(state, schedule, watch, say)  # a budget's last epoch ends where its steps do
             if hooks.on_epoch_end is not None:
                 hooks.on_epoch_end(state)
             due = checkpointer is not None and state.batch_in_epoch == 0 and checkpointer.due(state.epoch, schedule)
@@ -358,7 +373,60 @@ def fit(
                     say(f"  stopped at step {state.step}: checkpoint {path}")
     finally:
         watch.bar.close()
-    return state.epoch >= schedule.epochs
+    return state.step >= schedule.total_steps
+
+
+def _agreed_max(accelerator: Accelerator, value: float) -> float:
+    """The largest of every process's ``value``."""
+    return accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device)).max().item()
+
+
+def _pacer(
+    accelerator: Accelerator,
+    schedule: Schedule,
+    state: TrainState,
+    hooks: FitHooks,
+    bar: tqdm,
+    say: Callable[[str], None] | None,
+    started: float,
+    clock: Callable[[], float],
+) -> Callable[[int], None] | None:
+    """What :func:`fit` does once the first steps are timed: the stage's cadences (``on_pace``), a budget's steps.
+
+    A resumed budget run restores the step count its state recorded and times nothing. ``None``: nothing to time.
+    """
+    planned = state.extra.get(STATE_KEY) if schedule.minutes else None
+    if planned is not None:
+        schedule.cap(planned["total_steps"])
+        bar.total = schedule.total_steps
+        if hooks.on_pace is not None:
+            hooks.on_pace(planned["seconds_per_step"], schedule)
+        return None
+    if not schedule.minutes and hooks.on_pace is None:
+        return None
+    timer = StepTimer(state.step, clock)
+
+    def pace(step: int) -> None:
+        local = timer.tick(step)
+        if local is None:
+            return
+        # every process must stop at the same step: the slowest pace, the main process's monitor decide
+        seconds = _agreed_max(accelerator, local)
+        extra = _agreed_max(accelerator, hooks.on_pace(seconds, schedule) if hooks.on_pace is not None else 0.0)
+        if not schedule.minutes:
+            return
+        elapsed = clock() - started
+        total = steps_in_budget(schedule.minutes, elapsed, step, seconds, schedule.steps_per_epoch, extra)
+        plan = BudgetPlan(schedule.minutes, seconds, elapsed, extra, total)
+        schedule.cap(total)
+        state.extra[STATE_KEY] = plan.to_dict()
+        bar.total = schedule.total_steps
+        if say is not None:
+            say(plan.describe(schedule.steps_per_epoch))
+        if hooks.on_plan is not None:
+            hooks.on_plan(plan)
+
+    return pace
 
 
 def _close_epoch(state: TrainState, schedule: Schedule, watch: _StepWatch, say: Callable[[str], None] | None) -> None:
@@ -453,9 +521,7 @@ def train_images(
     if run_dir is not None:
         if skipped := start_skip_log(train, run_dir, write=accelerator.is_main_process):
             say(skipped)
-        checkpointer = Checkpointer(
-            accelerator, run_dir, every_epochs=max(1, schedule.epochs // 10), extra_state=extra_state
-        )
+        checkpointer = Checkpointer(accelerator, run_dir, per_run=10, extra_state=extra_state)
     try:
         fit(
             accelerator,

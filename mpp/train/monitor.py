@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -150,6 +151,11 @@ class KnnMonitor:
         return MonitorReading(top1, time.perf_counter() - start)
 
 
+def readings_cadence(reading_s: float, epoch_s: float, max_share: float) -> int:
+    """The smallest epoch interval at which readings of ``reading_s`` stay within ``max_share`` of the time."""
+    return max(1, math.ceil(reading_s * (1 - max_share) / (max_share * max(epoch_s, 1e-9)) - 1e-9))
+
+
 def monitor_record(step: int, epoch: float, reading: MonitorReading, random_top1: dict[str, float]) -> dict[str, Any]:
     """The metrics.jsonl record of a monitor reading: ``knn_<pool>`` and ``knn_<pool>_random`` (top-1 %)."""
     record: dict[str, Any] = {"step": step, "epoch": round(epoch, 4), "stage": "monitor"}
@@ -168,8 +174,8 @@ def monitor_text(reading: MonitorReading, random_top1: dict[str, float]) -> str:
     )
 
 
-def previous_random_reading(metrics_path: Path) -> dict[str, float] | None:
-    """The random-init monitor reading a resumed run logged at its start, if any."""
+def previous_random_reading(metrics_path: Path) -> tuple[dict[str, float], float] | None:
+    """The random-init monitor reading a resumed run logged at its start (top-1 per pooling, seconds), if any."""
     if not metrics_path.is_file():
         return None
     for line in metrics_path.read_text().splitlines():
@@ -178,7 +184,8 @@ def previous_random_reading(metrics_path: Path) -> dict[str, float] | None:
         except json.JSONDecodeError:
             continue  # a line cut by a crash
         if record.get("stage") == "monitor" and record.get("step") == 0:
-            return {k[4:]: v for k, v in record.items() if k.startswith("knn_") and not k.endswith("_random")}
+            top1 = {k[4:]: v for k, v in record.items() if k.startswith("knn_") and not k.endswith("_random")}
+            return top1, float(record.get("monitor_s", 0.0))
     return None
 
 
@@ -188,23 +195,48 @@ class MonitorRun:
 
     Attributes:
         monitor: the monitor (``None`` on non-main processes, when disabled or without labels).
-        every_epochs: reading cadence; the last epoch is always read.
-        epochs: the run's epochs.
+        every_epochs: reading cadence; the last epoch is always read. ``None``: set by :meth:`pace` so the readings
+            cost at most ``max_share`` of the run (every epoch until then).
+        epochs: the run's epochs (a budget may change them, see :meth:`pace`).
         pool: the pooling shown on the progress bar.
         random_top1: the step-0 reading (from the log of a resumed run, else taken by the first reading).
     """
 
     monitor: KnnMonitor | None
-    every_epochs: int
+    every_epochs: int | None
     epochs: int
     pool: str
     random_top1: dict[str, float] | None = None
     seconds: float = 0.0
     bar_extra: dict[str, str] = field(default_factory=dict)
+    max_share: float = 0.05
+    reading_s: float | None = None  # what one reading cost (the first of this session)
+    auto: bool = field(default=False, init=False)
+    say: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        self.auto = self.every_epochs is None
 
     def due(self, epoch: int) -> bool:
         """Whether a completed ``epoch`` gets a reading."""
-        return epoch % self.every_epochs == 0 or epoch == self.epochs
+        return epoch % (self.every_epochs or 1) == 0 or epoch == self.epochs
+
+    def pace(self, seconds_per_step: float, schedule: Any) -> float:
+        """The engine's ``on_pace``: pick the cadence (if automatic); the readings' expected seconds per epoch."""
+        self.epochs = schedule.epochs
+        if self.monitor is None:
+            return 0.0
+        reading = self.reading_s if self.reading_s is not None else 0.0
+        epoch_s = seconds_per_step * schedule.steps_per_epoch
+        if self.auto:
+            self.every_epochs = readings_cadence(reading, epoch_s, self.max_share)
+            if self.every_epochs > 1:
+                self.say(
+                    f"  kNN monitor thinned to every {self.every_epochs} epochs: a reading costs {reading:.1f} s, an "
+                    f"epoch {epoch_s:.1f} s (readings within {100 * self.max_share:g}% of the run; set "
+                    "monitor.every_epochs to choose)"
+                )
+        return reading / (self.every_epochs or 1)
 
     def read(self, model: Any, accelerator: Any, step: int, epoch: float, log: Any, say: Callable[[str], None]) -> None:
         """Measure, log to metrics.jsonl/TensorBoard (``log``: an :class:`mpp.train.engine.RunLog`), bar and console."""
@@ -212,6 +244,8 @@ class MonitorRun:
             return
         reading = self.monitor.measure(model, accelerator.device, accelerator.autocast)
         self.seconds += reading.seconds
+        if self.reading_s is None:
+            self.reading_s = reading.seconds
         if self.random_top1 is None:
             self.random_top1 = dict(reading.top1)
         log.write(monitor_record(step, epoch, reading, self.random_top1), step)

@@ -55,6 +55,8 @@ class Schedule:
     warmup_epochs: float
     steps_per_epoch: int
     batch_clipped: bool = False  # the configured batch was larger than the training set allows
+    minutes: float | None = None  # a wall-clock budget: mpp.train.budget fixes max_steps from the first steps' pace
+    max_steps: int | None = None  # the run ends here, inside its last epoch (set by a budget)
 
     @property
     def effective_batch(self) -> int:
@@ -64,7 +66,18 @@ class Schedule:
     @property
     def total_steps(self) -> int:
         """Optimiser steps of the whole run."""
-        return self.steps_per_epoch * self.epochs
+        full = self.steps_per_epoch * self.epochs
+        return full if self.max_steps is None else min(full, self.max_steps)
+
+    @property
+    def span_epochs(self) -> float:
+        """The run's length in (fractional) epochs: where the cosine reaches ``min_lr``."""
+        return self.total_steps / max(self.steps_per_epoch, 1)
+
+    def cap(self, steps: int) -> None:
+        """End the run after ``steps`` optimiser steps; the last epoch is cut short and the cosine ends there."""
+        self.max_steps = max(1, steps)
+        self.epochs = -(-self.max_steps // self.steps_per_epoch)
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -73,7 +86,7 @@ class Schedule:
 
     def lr_at(self, epoch: float) -> float:
         """Learning rate at a fractional epoch."""
-        return lr_at(epoch, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
+        return lr_at(epoch, self.lr, self.min_lr, self.warmup_epochs, self.span_epochs)
 
     def facts(self) -> dict[str, Any]:
         """What a stage's results record of its schedule: blr, lr, effective batch, epochs, warmup, steps."""
@@ -95,6 +108,7 @@ class Schedule:
             f"{self.world} procs{clipped}; lr {self.lr:.3g}{how}\n"
             f"  {self.steps_per_epoch} steps/epoch x {self.epochs} epochs = {self.total_steps} steps "
             f"(warmup {self.warmup_epochs:g} epochs)"
+            + (f"; a {self.minutes:g}-minute budget sets the steps once the first are timed" if self.minutes else "")
         )
 
 
@@ -129,6 +143,9 @@ def plan_schedule(
             f"({world} processes x {section.accum_steps} accumulation); lower the batch size or {key}.accum_steps"
         )
     epochs, warmup = section.epochs, section.warmup_epochs
+    minutes = getattr(section, "minutes", None)
+    if minutes:  # provisional: long enough for any budget until the pace is known (mpp.train.budget caps it)
+        epochs = max(epochs, -(-1_000_000 // steps_per_epoch))
     min_steps = getattr(section, "min_steps", 0)
     if steps_per_epoch * epochs < min_steps:  # few labels: more epochs (and proportional warmup) to reach min_steps
         stretched = -(-min_steps // steps_per_epoch)
@@ -146,6 +163,7 @@ def plan_schedule(
         warmup,
         steps_per_epoch,
         batch < section.batch_size,
+        minutes,
     )
 
 

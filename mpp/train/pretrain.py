@@ -14,6 +14,7 @@ The run reads its images through :mod:`mpp.data.pretraining`, trains with the en
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,13 +30,16 @@ from mpp.data.pretraining import PretrainData, build_pretrain_data
 from mpp.data.skips import SKIPPED_FILES, decode_skips, start_skip_log
 from mpp.formats.native import save_encoder, save_mae
 from mpp.models import MaskedAutoencoder, create_model
+from mpp.models.registry import model_config
 from mpp.runtime import (
     NonFiniteLossError,
+    atomic_write_json,
     check_output_dir,
     make_accelerator,
     seed_everything,
     write_config,
 )
+from mpp.train.budget import BudgetPlan
 from mpp.train.checkpoint import Checkpoint, Checkpointer, TrainState, check_resumable, resume_state
 from mpp.train.engine import FitHooks, RunLog, compile_model, fit, prepare_run
 from mpp.train.fsdp import PlainCopy, load_sharded, save_sharded, shard_model
@@ -57,6 +61,9 @@ RESUME_FREE_KEYS = {
 }
 
 
+CHECKPOINTS_PER_RUN = 20  # epoch-end checkpoints and pictures of a run without checkpoint_every_epochs
+
+
 def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
     """The MAE described by ``config.model``."""
     return create_model(config.model.name, **model_overrides(config.model))
@@ -69,8 +76,9 @@ def announce(
     data: PretrainData,
     accelerator: Accelerator,
     schedule: Schedule,
+    measured: str | None = None,
 ) -> dict[str, Any]:
-    """Print what the run will do; the derived numbers recorded in config.yaml."""
+    """Print what the run will do (``measured``: the data's fingerprint); the derived numbers for config.yaml."""
     visible = model.visible_tokens
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(
@@ -79,6 +87,8 @@ def announce(
         f"precision {accelerator.mixed_precision}"
     )
     say(schedule.describe("optim"))
+    if measured is not None:
+        say(f"  data fingerprint: {measured}")
     say(
         f"  encoder sees {visible} of {model.num_patches + model.num_prefix_tokens} tokens per image, "
         f"{visible * schedule.effective_batch} per step"
@@ -126,6 +136,31 @@ class ReconPictures:
         )
 
 
+FINGERPRINTED = ("folder", "shards", "hf")  # files: the defaults know nothing of them
+
+
+def fingerprint_run(config: PretrainConfig, run_dir: Path) -> str | None:
+    """A folder, shards or hf split's fingerprint (cached; copied to ``fingerprint.json``); its mean/std normalise.
+
+    Returns the console line, or ``None`` for sources with known statistics and streams (never decoded up front).
+    """
+    d = config.data
+    if d.source not in FINGERPRINTED or d.streaming:
+        return None
+    from mpp.data.fingerprint import fingerprint_of
+
+    fp, cached = fingerprint_of(d, config.seed)
+    if os.environ.get("RANK", "0") == "0":
+        atomic_write_json(run_dir / "fingerprint.json", fp.to_dict())
+    line = fp.describe() + (" [cached]" if cached else "")
+    if d.mean is None:
+        in_chans = model_config(config.model.name, **model_overrides(config.model)).get("in_chans", 3)
+        mean, std = fp.stats(in_chans)
+        d.mean, d.std = list(mean), list(std)
+        line += "; normalised with its measured mean/std"
+    return line
+
+
 def open_run(config: PretrainConfig) -> tuple[Path, Checkpoint | None]:
     """The run directory (created) and the checkpoint an interrupted run there continues from (``None``: fresh)."""
     run_dir = check_output_dir(Path(config.output_dir))
@@ -137,7 +172,9 @@ def open_run(config: PretrainConfig) -> tuple[Path, Checkpoint | None]:
 
 def run(config: PretrainConfig) -> Path:
     """Pretrain; returns the run directory. Raises ``NonFiniteLossError`` if the loss diverges."""
+    started = time.perf_counter()  # a budget (optim.minutes) counts from here
     run_dir, found = open_run(config)
+    measured = fingerprint_run(config, run_dir)
     seed_everything(config.seed)  # before the model, so its initial weights are the seed's
     model = build_mae(config)
     head = max(config.monitor.samples if config.monitor.enabled else 0, config.viz_samples, 1)
@@ -145,7 +182,7 @@ def run(config: PretrainConfig) -> Path:
     accelerator = make_accelerator(config.mixed_precision, config.cpu, log_with="tensorboard", project_dir=str(run_dir))
     say, main = accelerator.print, accelerator.is_main_process
     schedule = plan_schedule(config.optim, len(data.samples), accelerator.num_processes, "optim")
-    derived = announce(say, config, model, data, accelerator, schedule)
+    derived = announce(say, config, model, data, accelerator, schedule, measured)
     if main:
         write_config(run_dir / "config.yaml", to_dict(config), **derived)
     if skipped := start_skip_log(data.samples, run_dir, write=main):
@@ -158,7 +195,7 @@ def run(config: PretrainConfig) -> Path:
         accelerator.init_trackers("tensorboard", config=_flat_hparams(to_dict(config)))
     log = RunLog(accelerator, run_dir, "pretrain")
     pictures = ReconPictures.of(run_dir, data, raw, config.viz_samples, config.seed)
-    watch = monitor_run(config, data, raw, run_dir, resumed=found is not None, main=main)
+    watch = monitor_run(config, data, raw, run_dir, resumed=found is not None, main=main, say=say)
     loss_fn = masked_loss(accelerator)
     loader_for = data.loader_for(config.data, schedule, accelerator, config.seed)
     train_model = maybe_compile(config, model, loader_for, state, loss_fn, accelerator)
@@ -171,7 +208,11 @@ def run(config: PretrainConfig) -> Path:
     accelerator.wait_for_everyone()
 
     checkpointer = make_checkpointer(config, accelerator, run_dir, sharded)
-    hooks = FitHooks(on_epoch_end=epoch_end_hook(view, pictures, watch, log, accelerator))
+    hooks = FitHooks(
+        on_epoch_end=epoch_end_hook(view, pictures, watch, log, accelerator, checkpointer, schedule),
+        on_pace=watch.pace if main else lambda seconds, schedule: 0.0,
+        on_plan=record_plan(run_dir, config, derived) if main else None,
+    )
     try:
         finished = fit(
             accelerator,
@@ -191,6 +232,7 @@ def run(config: PretrainConfig) -> Path:
             progress=config.progress,
             bar_extra=watch.bar_extra,
             say=say,
+            started=started,
         )
     except NonFiniteLossError:
         accelerator.end_training()
@@ -234,16 +276,36 @@ def start_model(
 
 
 def monitor_run(
-    config: PretrainConfig, data: PretrainData, raw: MaskedAutoencoder, run_dir: Path, resumed: bool, main: bool
+    config: PretrainConfig,
+    data: PretrainData,
+    raw: MaskedAutoencoder,
+    run_dir: Path,
+    resumed: bool,
+    main: bool,
+    say: Callable[[str], None] = print,
 ) -> MonitorRun:
     """The kNN monitor of this session (on the main process), with the random-init reading of a resumed run."""
+    previous = previous_random_reading(run_dir / "metrics.jsonl") if resumed else None
     return MonitorRun(
         build_monitor(config, data.plain) if main else None,
         config.monitor.every_epochs,
         config.optim.epochs,
         raw.global_pool if raw.cls_token is not None else "avg",
-        previous_random_reading(run_dir / "metrics.jsonl") if resumed else None,
+        previous[0] if previous else None,
+        max_share=config.monitor.max_share,
+        reading_s=previous[1] if previous else None,
+        say=say,
     )
+
+
+def record_plan(run_dir: Path, config: PretrainConfig, derived: dict[str, Any]) -> Callable[[BudgetPlan], None]:
+    """``on_plan``: config.yaml gets the budget's arithmetic and the step count it fixed."""
+
+    def on_plan(plan: BudgetPlan) -> None:
+        derived.update(total_steps=plan.total_steps, budget=plan.to_dict())
+        write_config(run_dir / "config.yaml", to_dict(config), **derived)
+
+    return on_plan
 
 
 def make_checkpointer(config: PretrainConfig, accelerator: Accelerator, run_dir: Path, sharded: bool) -> Checkpointer:
@@ -253,7 +315,16 @@ def make_checkpointer(config: PretrainConfig, accelerator: Accelerator, run_dir:
         return save_sharded(accelerator, run_dir, m, opt, trainer, config.keep_checkpoints)
 
     writer = write_shards if sharded else None
-    return Checkpointer(accelerator, run_dir, config.keep_checkpoints, config.checkpoint_every_steps, writer=writer)
+    every = config.checkpoint_every_epochs
+    return Checkpointer(
+        accelerator,
+        run_dir,
+        config.keep_checkpoints,
+        config.checkpoint_every_steps,
+        every_epochs=every or 1,
+        per_run=None if every else CHECKPOINTS_PER_RUN,
+        writer=writer,
+    )
 
 
 def masked_loss(accelerator: Accelerator) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
@@ -288,15 +359,23 @@ def maybe_compile(
 
 
 def epoch_end_hook(
-    view: PlainCopy, pictures: ReconPictures, watch: MonitorRun, log: RunLog, accelerator: Accelerator
+    view: PlainCopy,
+    pictures: ReconPictures,
+    watch: MonitorRun,
+    log: RunLog,
+    accelerator: Accelerator,
+    checkpointer: Checkpointer,
+    schedule: Schedule,
 ) -> Callable[[TrainState], None]:
-    """After every pass over an epoch: the reconstruction picture and, when due, a monitor reading."""
+    """After a pass over an epoch: the reconstruction picture when a checkpoint is due, a monitor reading when due."""
 
     def on_epoch_end(state: TrainState) -> None:
-        shown = view.sync()
+        shown = view.sync()  # every process (a collective with fsdp), whatever the main process then does
         if accelerator.is_main_process:
-            pictures.draw(shown, f"epoch_{state.epoch:03d}.png", accelerator.device)
-            if state.batch_in_epoch == 0 and watch.due(state.epoch):
+            ended = state.batch_in_epoch == 0
+            if not ended or checkpointer.due(state.epoch, schedule):  # a stopped run's picture shows where it stopped
+                pictures.draw(shown, f"epoch_{state.epoch:03d}.png", accelerator.device)
+            if ended and watch.due(state.epoch):
                 watch.read(shown, accelerator, state.step, float(state.epoch), log, accelerator.print)
         accelerator.wait_for_everyone()
 

@@ -18,7 +18,7 @@ import torch
 
 from mpp.config import KnnConfig, KnnSettings
 from mpp.config.command import command_main
-from mpp.eval.features import extract_split_features
+from mpp.eval.features import split_features
 from mpp.eval.metrics import classification_metrics
 from mpp.eval.session import Session, budget_text
 from mpp.models.classifier import ViTClassifier
@@ -66,13 +66,11 @@ def run(config: KnnConfig) -> Path:
         f"queries, k={s.k}, T={s.temperature}, on {session.accelerator.device}"
     )
     session.save_config(splits)  # kNN is not split across processes: under accelerate launch, one writes
-    d = config.data
-    feats = extract_split_features(
-        classifier, splits, session.accelerator, d.batch_size, d.num_workers, config.progress
-    )
-    entry = knn_protocol(*feats, splits.classes, s, session.accelerator.device)
+    feats = split_features(classifier, splits, session.accelerator, config.data, config.progress)
+    entry = knn_protocol(*feats.train, *feats.test, splits.classes, s, session.accelerator.device, val=feats.val)
     if written := session.write_results(splits, classifier.global_pool, {"knn": entry}):
-        say(f"  kNN top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {written}")
+        val = f" (validation {entry['val_top1']:.2f}%)" if "val_top1" in entry else ""
+        say(f"  kNN top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}%{val} -> {written}")
     return session.run_dir
 
 

@@ -296,6 +296,12 @@ def _check_probe(probe: ProbeSettings) -> None:
     check(probe.mode in PROBE_MODES, "probe.mode", probe.mode, f"must be one of {PROBE_MODES}")
     _check_schedule(probe, "probe.")
     check(
+        not (probe.minutes and probe.mode == "cached"),
+        "probe.minutes",
+        probe.minutes,
+        "applies to probe.mode=full only (the cached probe takes seconds)",
+    )
+    check(
         len(probe.blr_sweep) > 0 and all(b > 0 for b in probe.blr_sweep),
         "probe.blr_sweep",
         probe.blr_sweep,

@@ -21,6 +21,7 @@ from mpp.config.stages import (
     KnnSettings,
     ProbeConfig,
     ProbeSettings,
+    SemiSettings,
     StageConfig,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "EvaluateConfig",
     "FinetuneConfig",
     "FinetuneSettings",
+    "SemiSettings",
     "KnnConfig",
     "KnnSettings",
     "ModelConfig",

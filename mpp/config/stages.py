@@ -105,6 +105,22 @@ class ProbeConfig(StageConfig):
 
 
 @dataclass
+class SemiSettings:
+    """Semi-supervised fine-tuning (:mod:`mpp.eval.semi`): also learn from the training images left unlabeled.
+
+    Self-training: fine-tune on the labels, pseudo-label the unlabeled pool with that model (distribution-aligned,
+    confidence-thresholded, class-balanced), fine-tune a fresh copy of the encoder on both, ``rounds`` times.
+    """
+
+    enabled: bool = False
+    rounds: int = 2  # pseudo-labelling rounds after the labels-only fine-tune
+    threshold: float = 0.9  # teacher confidence (after alignment) a pseudo-label needs
+    per_class: int | None = None  # at most this many per class; None: pool / classes x round / rounds
+    align: bool = True  # distribution alignment: rescale the teacher's mean prediction to uniform (ReMixMatch)
+    pool_limit: int | None = None  # a seeded subset of the unlabeled pool (fewer predictions per round)
+
+
+@dataclass
 class FinetuneSettings(ScheduleConfig):
     """Full fine-tuning, the paper's ViT-B recipe by default (AdamW, layer decay, drop path, RandAug, mixup)."""
 
@@ -130,6 +146,7 @@ class FinetuneSettings(ScheduleConfig):
     ema_decay: float = 0.9999
     log_every: int = 10
     save_model: bool = True
+    semi: SemiSettings = field(default_factory=SemiSettings)
 
 
 @dataclass
@@ -321,6 +338,13 @@ def _check_finetune(ft: FinetuneSettings) -> None:
     for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
         check(0 <= getattr(ft, name) <= 1, f"finetune.{name}", getattr(ft, name), "must be in [0, 1]")
     check(0 < ft.ema_decay < 1, "finetune.ema_decay", ft.ema_decay, "must be in (0, 1)")
+    semi = ft.semi
+    check(semi.rounds >= 1, "finetune.semi.rounds", semi.rounds, "must be >= 1")
+    check(0 <= semi.threshold < 1, "finetune.semi.threshold", semi.threshold, "must be in [0, 1)")
+    for name in ("per_class", "pool_limit"):
+        value = getattr(semi, name)
+        check(value is None or value > 0, f"finetune.semi.{name}", value, "must be positive")
+
     if ft.rand_augment is not None:
         check(
             ft.rand_augment.startswith("rand-"),

@@ -189,7 +189,12 @@ def run(config: FinetuneConfig) -> Path:
     say(f"mpp finetune: {session.describe(classifier.global_pool)} from {config.init}, {params:.2f}M trainable")
     say(f"{session.data_line(splits)}, on {session.accelerator.device}")
     session.save_config(splits, trackers=True)
-    entries, trained = finetune(config, classifier, splits, session.accelerator, session.run_dir, say, found)
+    if f.semi.enabled:  # rounds of fine-tuning, each from a fresh copy of the encoder, in RUN/round_<r>
+        from mpp.eval.semi import self_train
+
+        entries, trained = self_train(config, session, splits, finetune)
+    else:
+        entries, trained = finetune(config, classifier, splits, session.accelerator, session.run_dir, say, found)
     if written := session.write_results(splits, classifier.global_pool, entries):
         if f.save_model:
             facts = {"mean": session.mean, "std": session.std, "classes": splits.classes, "init": config.init}

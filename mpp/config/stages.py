@@ -108,13 +108,19 @@ class ProbeConfig(StageConfig):
 class SemiSettings:
     """Semi-supervised fine-tuning (:mod:`mpp.eval.semi`): also learn from the training images left unlabeled.
 
-    Self-training: fine-tune on the labels, pseudo-label the unlabeled pool with that model (distribution-aligned,
+    ``selftrain``: fine-tune on the labels, pseudo-label the unlabeled pool with that model (distribution-aligned,
     confidence-thresholded, class-balanced), fine-tune a fresh copy of the encoder on both, ``rounds`` times.
+    ``fixmatch``: every labelled image brings ``mu`` unlabeled ones; the model's (or its EMA's) aligned prediction on a
+    weak view labels a strong view when confident (FixMatch), weighted ``weight``.
     """
 
     enabled: bool = False
-    rounds: int = 2  # pseudo-labelling rounds after the labels-only fine-tune
-    threshold: float = 0.9  # teacher confidence (after alignment) a pseudo-label needs
+    method: str = "selftrain"  # selftrain | fixmatch
+    rounds: int = 2  # selftrain: pseudo-labelling rounds after the labels-only fine-tune
+    threshold: float = 0.9  # confidence (after alignment) a pseudo-label needs (FixMatch's paper: 0.95)
+    mu: int = 7  # fixmatch: unlabeled images per labelled one
+    weight: float = 1.0  # fixmatch: weight of the unlabeled term
+    ema_teacher: bool = False  # fixmatch: the weak view is labelled by the EMA model (needs finetune.ema)
     per_class: int | None = None  # at most this many per class; None: pool / classes x round / rounds
     align: bool = True  # distribution alignment: rescale the teacher's mean prediction to uniform (ReMixMatch)
     pool_limit: int | None = None  # a seeded subset of the unlabeled pool (fewer predictions per round)
@@ -339,6 +345,12 @@ def _check_finetune(ft: FinetuneSettings) -> None:
         check(0 <= getattr(ft, name) <= 1, f"finetune.{name}", getattr(ft, name), "must be in [0, 1]")
     check(0 < ft.ema_decay < 1, "finetune.ema_decay", ft.ema_decay, "must be in (0, 1)")
     semi = ft.semi
+    check(
+        semi.method in ("selftrain", "fixmatch"), "finetune.semi.method", semi.method, "must be selftrain or fixmatch"
+    )
+    check(semi.mu >= 1, "finetune.semi.mu", semi.mu, "must be >= 1")
+    check(semi.weight >= 0, "finetune.semi.weight", semi.weight, "must be >= 0")
+    check(not (semi.ema_teacher and not ft.ema), "finetune.semi.ema_teacher", True, "needs finetune.ema=true")
     check(semi.rounds >= 1, "finetune.semi.rounds", semi.rounds, "must be >= 1")
     check(0 <= semi.threshold < 1, "finetune.semi.threshold", semi.threshold, "must be in [0, 1)")
     for name in ("per_class", "pool_limit"):

@@ -104,22 +104,27 @@ def finetune(
     run_dir: Path | None,
     say: Callable[[str], None] = print,
     found: Checkpoint | None = None,
+    semi: Any = None,
 ) -> tuple[dict[str, dict[str, Any]], ViTClassifier]:
     """Fine-tune ``classifier`` on ``splits.train`` (from ``found`` if resuming) and measure it on ``splits.test``.
+
+    ``semi`` (:class:`mpp.eval.semi.FixMatch`) adds unlabeled images to every item and its term to the loss;
+    mixup is then off (the labelled term is smoothed cross-entropy).
 
     Returns:
         ``({"finetune": entry[, "finetune_ema": entry]}, trained classifier)``.
     """
     f, d = config.finetune, config.data
-    train = SeededItems(splits.train, config.seed)
-    mixup = make_mixup(f, splits.num_classes)
+    train = SeededItems(semi.items(splits.train) if semi is not None else splits.train, config.seed)
+    mixup = make_mixup(f, splits.num_classes) if semi is None else None
     schedule = plan_schedule(
         f, len(train), accelerator.num_processes, "finetune", clip_batch=True, even_batch=mixup is not None
     )
     say(schedule.describe("finetune"))
     say(
-        f"  layer decay {f.layer_decay:g}, wd {f.weight_decay:g}, drop path {f.drop_path_rate:g}, mixup {f.mixup:g}, "
-        f"cutmix {f.cutmix:g}, smoothing {f.smoothing:g}, RandAugment {f.rand_augment}, erasing {f.reprob:g}"
+        f"  layer decay {f.layer_decay:g}, wd {f.weight_decay:g}, drop path {f.drop_path_rate:g}, "
+        + (f"mixup {f.mixup:g}, cutmix {f.cutmix:g}, " if semi is None else "no mixup (FixMatch), ")
+        + f"smoothing {f.smoothing:g}, RandAugment {f.rand_augment}, erasing {f.reprob:g}"
         + (f", EMA {f.ema_decay:g}" if f.ema else "")
     )
     groups = layer_decay_param_groups(classifier, f.weight_decay, f.layer_decay, classifier.depth)
@@ -129,6 +134,8 @@ def finetune(
     ema = EmaTracker(f.ema_decay if f.ema else None)
 
     def loss_fn(m: nn.Module, batch_: Any) -> torch.Tensor:
+        if semi is not None:
+            return semi.loss(m, batch_, criterion, device, ema.ema.module if ema.ema is not None else None)
         imgs, target = batch_
         imgs, target = imgs.to(device, non_blocking=True), torch.as_tensor(target).to(device)
         if mixup is not None:
@@ -149,7 +156,7 @@ def finetune(
         log_every=f.log_every,
         clip_grad=f.clip_grad,
         on_prepared=ema.start,
-        hooks=FitHooks(on_step=ema.update),
+        hooks=FitHooks(on_step=ema.update if semi is None else semi.on_step(ema.update, run_dir, accelerator)),
         extra_state=ema.state,
     )
     minutes = round((time.perf_counter() - start) / 60, 2)  # this session's training time (a resumed run: its part)
@@ -168,6 +175,8 @@ def finetune(
             "train_minutes": minutes,
         }
         entry.update(schedule.facts(), **facts)
+        if semi is not None:
+            entry["semi"] = semi.summary()
         entry["summary"] = (
             f"{'EMA, ' if name.endswith('ema') else ''}{schedule.epochs} ep ({schedule.total_steps} steps), "
             f"blr {f.blr:g}, batch {schedule.effective_batch}, layer decay {f.layer_decay:g}"
@@ -189,10 +198,15 @@ def run(config: FinetuneConfig) -> Path:
     say(f"mpp finetune: {session.describe(classifier.global_pool)} from {config.init}, {params:.2f}M trainable")
     say(f"{session.data_line(splits)}, on {session.accelerator.device}")
     session.save_config(splits, trackers=True)
-    if f.semi.enabled:  # rounds of fine-tuning, each from a fresh copy of the encoder, in RUN/round_<r>
+    if f.semi.enabled and f.semi.method == "selftrain":  # rounds, each from a fresh encoder, in RUN/round_<r>
         from mpp.eval.semi import self_train
 
         entries, trained = self_train(config, session, splits, finetune)
+    elif f.semi.enabled:  # fixmatch: unlabeled images in every step
+        from mpp.eval.semi import FixMatch
+
+        semi = FixMatch.of(config, session, splits)
+        entries, trained = finetune(config, classifier, splits, session.accelerator, session.run_dir, say, found, semi)
     else:
         entries, trained = finetune(config, classifier, splits, session.accelerator, session.run_dir, say, found)
     if written := session.write_results(splits, classifier.global_pool, entries):

@@ -1,6 +1,9 @@
-"""Semi-supervised fine-tuning by self-training: the unlabeled training images are used a second time.
+"""Semi-supervised fine-tuning: the unlabeled training images are used a second time.
 
-``mpp finetune ... finetune.semi.enabled=true``. Round 0 fine-tunes on the labelled images as ``mpp finetune``
+``mpp finetune ... finetune.semi.enabled=true`` (``finetune.semi.method=selftrain``, the default, or ``fixmatch``:
+:class:`FixMatch`, which adds a consistency term to every step of one fine-tune).
+
+Self-training: round 0 fine-tunes on the labelled images as ``mpp finetune``
 does. Every later round labels the *pool* (the training images the budget left unlabeled, never a validation or
 test image) with the previous round's model, keeps the confident, class-balanced pseudo-labels, and fine-tunes a
 fresh copy of the encoder on the labels plus those (distillation into a new student, so a round's mistakes are not
@@ -18,14 +21,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from mpp.config import FinetuneConfig, SemiSettings
 from mpp.data.sampling import mix_seed, targets_of
+from mpp.data.transforms import finetune_transform
 from mpp.eval.features import batched
 from mpp.eval.session import Session, Splits
 from mpp.formats.native import load_classifier, save_classifier
@@ -195,6 +201,123 @@ def run_round(
         atomic_write_json(done, {"entries": entries})
     session.accelerator.wait_for_everyone()
     return entries, trained
+
+
+# ------------------------------------------------------------------------------------------------ FixMatch
+class FixMatchItems(Dataset):
+    """Labelled item ``i`` plus ``mu`` pool images, each as a weak and a strong view.
+
+    The pool images are drawn with torch's generator, which :class:`mpp.data.sampling.SeededItems` seeds per (epoch,
+    item): the draw is exact on resume and the same on any worker. ``truth`` (``-1`` where unknown) travels along for
+    the log's pseudo-label accuracy only; the loss never reads it.
+    """
+
+    def __init__(self, labelled: Dataset, weak: Dataset, strong: Dataset, pool: list[int], mu: int, truth: list[int]):
+        self.labelled, self.weak, self.strong, self.pool, self.mu, self.truth = labelled, weak, strong, pool, mu, truth
+        self.targets = targets_of(labelled)
+
+    def __len__(self) -> int:
+        return len(self.labelled)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        image, label = self.labelled[index]
+        picks = torch.randint(len(self.pool), (self.mu,)).tolist()
+        weak = torch.stack([self.weak[self.pool[j]][0] for j in picks])
+        strong = torch.stack([self.strong[self.pool[j]][0] for j in picks])
+        return image, label, weak, strong, torch.tensor([self.truth[j] for j in picks])
+
+
+@dataclass
+class FixMatch:
+    """FixMatch's unlabeled term for :func:`mpp.eval.finetune.finetune`: its items, its loss, its log."""
+
+    settings: SemiSettings
+    weak: Dataset
+    strong: Dataset
+    pool: list[int]
+    truth: list[int]
+    log_every: int = 10
+    counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("seen", "kept", "known", "right"), 0.0))
+    window: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("seen", "kept", "known", "right"), 0.0))
+
+    @classmethod
+    def of(cls, config: FinetuneConfig, session: Session, splits: Splits) -> FixMatch:
+        """The pool of ``splits`` with FixMatch's views: weak = flip and a mild crop; strong = RandAugment + erasing."""
+        f, semi = config.finetune, config.finetune.semi
+        pool = unlabeled_pool(splits, semi.pool_limit, config.seed)
+        if not pool:
+            raise ValueError("finetune.semi: no unlabeled training images (every image is labelled or validation)")
+        enc = session.encoder
+        common = {"in_chans": enc.in_chans, "hflip": f.hflip}
+        weak_tf = finetune_transform(enc.img_size, session.mean, session.std, rand_augment=None, reprob=0.0,
+                                     scale=(0.8, 1.0), **common)  # fmt: skip
+        strong_tf = finetune_transform(enc.img_size, session.mean, session.std, reprob=max(f.reprob, 0.25),
+                                       rand_augment=f.rand_augment or "rand-m9-mstd0.5-inc1",
+                                       scale=(f.crop_scale_min, 1.0), **common)  # fmt: skip
+        weak, strong = (session.splits(tf).train.dataset for tf in (weak_tf, strong_tf))  # type: ignore[attr-defined]
+        targets = targets_of(splits.train.dataset)  # type: ignore[attr-defined]
+        session.say(
+            f"  semi-supervised: FixMatch over {len(pool)} unlabeled training images, mu {semi.mu}, threshold "
+            f"{semi.threshold:g}, weight {semi.weight:g}{', aligned' if semi.align else ''}"
+            f"{', EMA teacher' if semi.ema_teacher else ''}"
+        )
+        return cls(semi, weak, strong, pool, [targets[i] for i in pool], f.log_every)
+
+    def items(self, labelled: Dataset) -> FixMatchItems:
+        """What each training item is."""
+        return FixMatchItems(labelled, self.weak, self.strong, self.pool, self.settings.mu, self.truth)
+
+    def loss(self, model: Any, batch: Any, criterion: Any, device: torch.device, ema_model: Any | None) -> torch.Tensor:
+        """Supervised loss + ``weight`` x masked cross-entropy of the strong views against the weak views' labels."""
+        s = self.settings
+        images, labels, weak, strong, truth = batch
+        images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
+        weak, strong = weak.flatten(0, 1).to(device), strong.flatten(0, 1).to(device)
+        teacher = ema_model if s.ema_teacher and ema_model is not None else model
+        with torch.no_grad():
+            probs = teacher(weak).float().softmax(1)
+        if s.align:  # this batch's mean prediction rescaled to uniform: no class takes the pool over
+            probs = probs / probs.mean(0, keepdim=True).clamp_min(1e-8)
+            probs = probs / probs.sum(1, keepdim=True)
+        confidence, pseudo = probs.max(1)
+        mask = (confidence >= s.threshold).float()
+        unlabeled = (F.cross_entropy(model(strong).float(), pseudo, reduction="none") * mask).mean()
+        truth = truth.flatten().to(device)
+        known = mask.bool() & (truth >= 0)
+        for key, value in (("seen", mask.numel()), ("kept", mask.sum()), ("known", known.sum()),
+                           ("right", (known & (pseudo == truth)).sum())):  # fmt: skip
+            self.window[key] += float(value)
+        return criterion(model(images), labels) + s.weight * unlabeled
+
+    def on_step(self, then: Callable[[Any], None], run_dir: Path | None, accelerator: Any) -> Callable[[Any], None]:
+        """The engine's ``on_step``: ``then`` (the EMA update), and every ``log_every`` steps a pseudo-label record."""
+
+        def step(info: Any) -> None:
+            then(info)
+            if info.step % self.log_every:
+                return
+            w = self.window
+            record = {"step": info.step, "stage": "semi", "mask_rate": round(w["kept"] / max(w["seen"], 1), 4),
+                      "pseudo_accuracy": round(100 * w["right"] / w["known"], 2) if w["known"] else None}  # fmt: skip
+            for key in self.counts:
+                self.counts[key] += w[key]
+            self.window = dict.fromkeys(self.window, 0.0)
+            if run_dir is not None and accelerator.is_main_process:
+                with (run_dir / "pseudo_labels.jsonl").open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+
+        return step
+
+    def summary(self) -> dict[str, Any]:
+        """What results.json records (this session's steps: a resumed run's log has the rest)."""
+        c = self.counts
+        return {
+            "method": "fixmatch",
+            "pool": len(self.pool),
+            "settings": vars(self.settings).copy(),
+            "mask_rate": round(c["kept"] / max(c["seen"], 1), 4),
+            "pseudo_accuracy": round(100 * c["right"] / c["known"], 2) if c["known"] else None,
+        }
 
 
 def describe(semi: SemiSettings) -> str:

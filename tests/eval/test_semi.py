@@ -47,7 +47,8 @@ def _weights(run):
     return load_file(str(run / "classifier.safetensors"))
 
 
-def test_pseudo_labels_never_read_true_labels_and_rounds_resume(tmp_path, monkeypatch):
+def _twice_with_other_pool_labels(tmp_path, monkeypatch, args):
+    """Run ``args`` into a/, then into b/ with every unlabeled image's hidden label changed; both run dirs."""
     chosen = {}
     real_subset, real_holdout = session_module.label_subset, session_module.without_validation
 
@@ -61,10 +62,10 @@ def test_pseudo_labels_never_read_true_labels_and_rounds_resume(tmp_path, monkey
 
     monkeypatch.setattr(session_module, "label_subset", spy_subset)
     monkeypatch.setattr(session_module, "without_validation", spy_holdout)
-    assert finetune.main([*ARGS, f"output_dir={tmp_path / 'a'}"]) == 0
+    assert finetune.main([*args, f"output_dir={tmp_path / 'a'}"]) == 0
     taken = set(chosen["keep"]) | set(chosen["holdout"][1])
 
-    def wrong_pool_labels(source, split, *a, **k):  # every unlabeled image's hidden label changed
+    def wrong_pool_labels(source, split, *a, **k):
         ds = build_dataset(source, split, *a, **k)
         if split == "train":
             ds.targets = [t if i in taken else (t + 1) % 4 for i, t in enumerate(ds.targets)]
@@ -73,11 +74,21 @@ def test_pseudo_labels_never_read_true_labels_and_rounds_resume(tmp_path, monkey
     monkeypatch.setattr(session_module, "build_dataset", wrong_pool_labels)
     monkeypatch.setattr(session_module, "label_subset", lambda *a, **k: chosen["keep"])
     monkeypatch.setattr(session_module, "without_validation", lambda *a, **k: chosen["holdout"])
-    assert finetune.main([*ARGS, f"output_dir={tmp_path / 'b'}"]) == 0
+    assert finetune.main([*args, f"output_dir={tmp_path / 'b'}"]) == 0
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same training, whatever the hidden labels
     logged = [(tmp_path / run / "pseudo_labels.jsonl").read_text() for run in ("a", "b")]
     assert logged[0] != logged[1]  # only the log's accuracy saw them
+    return a
+
+
+def test_fixmatch_never_reads_true_labels(tmp_path, monkeypatch):
+    fixmatch = ["finetune.semi.method=fixmatch", "finetune.semi.mu=2", "finetune.log_every=2", "finetune.min_steps=6"]
+    _twice_with_other_pool_labels(tmp_path, monkeypatch, [*ARGS, *fixmatch])
+
+
+def test_self_training_never_reads_true_labels_and_its_rounds_resume(tmp_path, monkeypatch):
+    a = _twice_with_other_pool_labels(tmp_path, monkeypatch, ARGS)
 
     # an interrupted run: round 1 left mid-way (its first checkpoint only), the final result never written
     (tmp_path / "b" / "classifier.safetensors").unlink()

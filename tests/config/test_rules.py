@@ -17,7 +17,7 @@ def _fp(count: int, side: int, channels: int, classes: int = 10) -> Fingerprint:
 
 
 def _rules(fp: Fingerprint, cuda: bool = False, **given: bool) -> dict:
-    kwargs = {"minutes_given": False, "epochs_given": False, **given}
+    kwargs = {"minutes_given": None, "epochs_given": False, **given}
     return {c.key: c.value for c in derive(fp, cuda=cuda, cores=2, **kwargs)}
 
 
@@ -27,7 +27,7 @@ def test_rules_for_a_few_fingerprints():
     assert (small["model.img_size"], small["model.patch_size"]) == (32, 4)
     assert small["optim.batch_size"] == 16 and small["data.crop_scale_min"] == 1.0 and small["optim.minutes"] == 10
     assert small["optim.warmup_epochs"] == round(300 / (300 // 16), 3) and small["data.in_memory"] is True
-    assert small["monitor.samples"] == 300 and small["data.mean"] == [0.3]
+    assert small["monitor.samples"] == 300 and small["data.mean"] == [0.3] and small["model.mask_ratio"] == 0.6
 
     mid = _rules(_fp(60_000, 96, 3, classes=0))  # 96 px colour, unlabeled, CPU: capped at 64 px
     assert (mid["model.img_size"], mid["model.patch_size"]) == (64, 8) and mid["optim.batch_size"] == 128
@@ -36,7 +36,7 @@ def test_rules_for_a_few_fingerprints():
     big = _rules(_fp(1_000_000, 256, 3), cuda=True, epochs_given=True)  # ImageNet-like on a GPU
     assert big["model.name"] == "mae_vit_base_patch16" and (big["model.img_size"], big["model.patch_size"]) == (224, 16)
     assert big["optim.batch_size"] == 256 and big["data.crop_scale_min"] == 0.2 and "optim.minutes" not in big
-    assert big["data.in_memory"] is False and big["data.num_workers"] == 1
+    assert big["data.in_memory"] is False and big["data.num_workers"] == 1 and big["model.mask_ratio"] == 0.75
 
 
 def test_no_recipe_command_prints_its_choices_and_the_command_line_wins(tmp_path, monkeypatch, capsys):

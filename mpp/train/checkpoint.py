@@ -15,6 +15,7 @@ with its reason. ``latest`` is not trusted for this: a garbage or dangling ``lat
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import pickle
 import shutil
@@ -42,6 +43,33 @@ LATEST = "latest"
 PREFIX = "step_"
 SHARDED = "sharded"  # an FSDP checkpoint's torch.distributed.checkpoint directory
 STATE_KEYS = ("step", "epoch", "batch_in_epoch")
+CHECKSUMS = "files_sha256"  # state.json: the sha256 of every other file of the checkpoint, checked on resume
+REJECTED = "rejected-"  # a checkpoint resume passed over, moved aside when the run writes an older-step one again
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory`` but ``state.json`` (relative POSIX paths)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "state.json")
+    return {p.relative_to(directory).as_posix(): file_digests_of(p) for p in files}
+
+
+def verify_digests(path: Path, trainer: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` naming the first file whose bytes changed since it was written."""
+    for name, expected in (trainer.get(CHECKSUMS) or {}).items():
+        part = path / name
+        if not part.is_file():
+            raise CheckpointError(f"{part} is missing")
+        if file_digests_of(part) != expected:
+            raise CheckpointError(f"{part} does not match the checksum written with it (bit rot or a partial copy)")
+
+
+def file_digests_of(part: Path) -> str:
+    """sha256 of one file."""
+    digest = hashlib.sha256()
+    with part.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -153,6 +181,7 @@ def publish_checkpoint(
     name = tmp.name.removeprefix(".tmp-")
     try:
         write(tmp)
+        state = {**state, CHECKSUMS: file_digests(tmp)}  # state.json is written last: it vouches for the rest
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         tmp.rename(root / name)  # complete: visible under its final name in one step
         atomic_write_text(root / LATEST, name + "\n")
@@ -163,9 +192,16 @@ def publish_checkpoint(
             why = f"no space left while writing checkpoint {root / name}; {intact}"
             raise DiskFullError(errno.ENOSPC, why) from err
         raise
-    for old in checkpoint_dirs(run_dir)[:-keep]:
+    written = root / name
+    dirs = checkpoint_dirs(run_dir)
+    at = dirs.index(written)
+    # Checkpoints named after the one just written were passed over by the resume this run continued from (they do
+    # not load): set them aside, so pruning never keeps them in place of the good ones.
+    for rejected in dirs[at + 1 :]:
+        rejected.rename(root / _free_name(root, f"{REJECTED}{rejected.name}"))
+    for old in dirs[: at + 1][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return root / name
+    return written
 
 
 def _free_name(root: Path, name: str) -> str:
@@ -203,6 +239,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{part} is truncated or corrupt ({first_line(err)})") from None
     if not isinstance(trainer, dict) or any(k not in trainer for k in STATE_KEYS):
         raise CheckpointError(f"{path / 'state.json'} lacks the trainer state ({', '.join(STATE_KEYS)})")
+    verify_digests(path, trainer)
     if not isinstance(optimizer_state, dict):
         raise CheckpointError(f"{path / 'optimizer.pt'} is not an mpp optimizer state")
     return Checkpoint(path, model_state, optimizer_state, trainer)
@@ -218,6 +255,7 @@ def _read_sharded(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path / 'state.json'} is missing or corrupt ({first_line(err)})") from None
     if not isinstance(trainer, dict) or any(k not in trainer for k in STATE_KEYS):
         raise CheckpointError(f"{path / 'state.json'} lacks the trainer state ({', '.join(STATE_KEYS)})")
+    verify_digests(path, trainer)
     return Checkpoint(path, {}, {}, trainer, sharded=path / SHARDED)
 
 

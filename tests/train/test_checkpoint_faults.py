@@ -1,0 +1,36 @@
+"""Checkpoint faults that used to lose work: the only good checkpoint pruned, silent bit rot."""
+
+import torch
+
+from mpp.train.checkpoint import REJECTED, checkpoint_dirs, newest_resumable, save_checkpoint
+
+
+def _save(run, step, keep):
+    weights = {"w": torch.arange(4096, dtype=torch.float32) + step}
+    return save_checkpoint(run, step, weights, {"optimizer": {"state": {}, "param_groups": []}},
+                           {"step": step, "epoch": 0, "batch_in_epoch": step}, keep)  # fmt: skip
+
+
+def test_pruning_keeps_the_checkpoint_a_resume_fell_back_to(tmp_path):
+    _save(tmp_path, 100, keep=2)
+    newest = _save(tmp_path, 200, keep=2)
+    (newest / "model.safetensors").write_bytes(b"cut")  # the newest is broken: a resume continues from 100
+    found = newest_resumable(tmp_path)
+    assert found.trainer_state["step"] == 100 and found.skipped[0][0] == newest.name
+    _save(tmp_path, 150, keep=1)  # the resumed run's next checkpoint, with keep_checkpoints=1
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000150"]
+    assert (tmp_path / "checkpoints" / f"{REJECTED}{newest.name}").is_dir()  # set aside, not deleted
+    assert newest_resumable(tmp_path).trainer_state["step"] == 150
+
+
+def test_flipped_bytes_inside_tensor_data_are_caught_and_skipped(tmp_path):
+    _save(tmp_path, 100, keep=2)
+    newest = _save(tmp_path, 200, keep=2)
+    part = newest / "model.safetensors"
+    data = bytearray(part.read_bytes())
+    for i in range(len(data) - 200, len(data) - 136):  # 64 bytes of float data: still a valid safetensors file
+        data[i] ^= 0xFF
+    part.write_bytes(bytes(data))
+    found = newest_resumable(tmp_path)
+    assert found.trainer_state["step"] == 100
+    assert "model.safetensors does not match the checksum" in found.skipped[0][1]

@@ -43,6 +43,7 @@ __all__ = [
     "read_config",
     "resolve_precision",
     "run_command",
+    "StopSignalError",
     "seed_everything",
     "use_cpu",
     "write_config",
@@ -59,6 +60,14 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops before anything is saved from that state."""
+
+
+class StopSignalError(RuntimeError):
+    """A stop signal ended the run after a checkpoint; ``code`` is the exit code (128 + the signal number)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class DiskFullError(OSError):
@@ -189,6 +198,12 @@ def run_command(prog: str, build: Callable[[], Any], run: Callable[[Any], Any], 
     except NonFiniteLossError as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 3
+    except StopSignalError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:  # Ctrl-C before or after training (during it, the engine checkpoints first)
+        print(f"{prog}: interrupted (SIGINT) outside training; nothing to checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

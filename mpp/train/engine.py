@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,10 +32,11 @@ from tqdm import tqdm
 
 from mpp.data.sampling import EpochLoader, loader_workers, mix_seed
 from mpp.data.skips import start_skip_log
-from mpp.runtime import NonFiniteLossError, one_line
+from mpp.runtime import NonFiniteLossError, StopSignalError, one_line
 from mpp.train.budget import STATE_KEY, BudgetPlan, StepTimer, steps_in_budget
 from mpp.train.checkpoint import Checkpoint, Checkpointer, TrainState, restore, restore_scaler
 from mpp.train.optim import Schedule, set_lr
+from mpp.train.signals import StopSignals
 
 
 @dataclass
@@ -259,6 +261,9 @@ class _StepWatch:
         self.bar_extra, self.save, self.every_steps, self.stop_at_step = bar_extra, save, every_steps, stop_at_step
         self.stop = False
         self.pacer: Callable[[int], None] | None = None
+        self.accelerator = accelerator
+        self.signals: StopSignals | None = None
+        self.signal: int | None = None  # the stop signal that ended the run
 
     def __call__(self, info: StepInfo) -> bool:
         """Account for one step; ``True`` asks the epoch to stop (``stop_at_step`` or a budget's last step reached)."""
@@ -287,6 +292,8 @@ class _StepWatch:
         if self.every_steps and info.step % self.every_steps == 0:
             self.save()
         self.stop = self.stop_at_step is not None and info.step >= self.stop_at_step
+        if self.signals is not None and (sig := self.signals.agreed(self.accelerator)):
+            self.stop, self.signal = True, sig
         return self.stop or info.step >= self.schedule.total_steps
 
 
@@ -349,6 +356,39 @@ def fit(
     bar = tqdm(total=schedule.total_steps, initial=state.step, disable=not show, unit="step", dynamic_ncols=True)
     watch = _StepWatch(accelerator, bar, schedule, log, log_every, hooks, extra, save, every_steps, stop_at_step)
     watch.pacer = _pacer(accelerator, schedule, state, hooks, bar, say, started, clock)
+    signals = StopSignals()
+    with signals:
+        watch.signals = signals
+        _fit_loop(accelerator, model, optimizer, loss_fn, schedule, state, loader_for, seed, clip_grad, checkpointer,
+                  hooks, stop_at_step, watch, save, say)  # fmt: skip
+    if watch.signal is not None:
+        name = signal.Signals(watch.signal).name
+        saved = "no run directory, nothing saved"
+        if checkpointer is not None:
+            where = checkpointer.run_dir
+            saved = f"checkpoint in {where / 'checkpoints'}; run the same command again (or --resume {where})"
+        raise StopSignalError(f"stopped by {name} after step {state.step}: {saved}", 128 + watch.signal)
+    return state.step >= schedule.total_steps
+
+
+def _fit_loop(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    schedule: Schedule,
+    state: TrainState,
+    loader_for: Callable[[int, int], Iterable[Any]],
+    seed: int,
+    clip_grad: float | None,
+    checkpointer: Checkpointer | None,
+    hooks: FitHooks,
+    stop_at_step: int | None,
+    watch: _StepWatch,
+    save: Callable[[], Path | None],
+    say: Callable[[str], None] | None,
+) -> None:
+    """:func:`fit`'s epochs: train, close the epoch, the stage's epoch-end hook, checkpoints when due or stopped."""
     try:
         while state.step < schedule.total_steps and not watch.stop:
             if stop_at_step is not None and state.step >= stop_at_step:
@@ -369,11 +409,10 @@ def fit(
             due = checkpointer is not None and state.batch_in_epoch == 0 and checkpointer.due(state.epoch, schedule)
             if checkpointer is not None and (due or watch.stop):
                 path = save()
-                if say is not None and path is not None and watch.stop:
+                if say is not None and path is not None and watch.stop and watch.signal is None:
                     say(f"  stopped at step {state.step}: checkpoint {path}")
     finally:
         watch.bar.close()
-    return state.step >= schedule.total_steps
 
 
 def _agreed_max(accelerator: Accelerator, value: float) -> float:

@@ -43,6 +43,7 @@ from mpp.train.budget import BudgetPlan
 from mpp.train.checkpoint import Checkpoint, Checkpointer, TrainState, check_resumable, resume_state
 from mpp.train.engine import FitHooks, RunLog, compile_model, fit, prepare_run
 from mpp.train.fsdp import PlainCopy, load_sharded, save_sharded, shard_model
+from mpp.train.lock import RunDirLock
 from mpp.train.monitor import KnnMonitor, MonitorRun, previous_random_reading
 from mpp.train.optim import Schedule, plan_schedule, pretrain_optimizer
 from mpp.viz.reconstruction import save_reconstruction_grid
@@ -173,6 +174,13 @@ def open_run(config: PretrainConfig) -> tuple[Path, Checkpoint | None]:
 def run(config: PretrainConfig) -> Path:
     """Pretrain; returns the run directory. Raises ``NonFiniteLossError`` if the loss diverges."""
     started = time.perf_counter()  # a budget (optim.minutes) counts from here
+    run_dir = check_output_dir(Path(config.output_dir))
+    with RunDirLock(run_dir):  # one run per directory; released however the run ends
+        return train(config, started)
+
+
+def train(config: PretrainConfig, started: float) -> Path:
+    """:func:`run` under the run directory's lock."""
     run_dir, found = open_run(config)
     measured = fingerprint_run(config, run_dir)
     seed_everything(config.seed)  # before the model, so its initial weights are the seed's

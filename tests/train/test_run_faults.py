@@ -1,8 +1,11 @@
-"""Checkpoint faults that used to lose work: the only good checkpoint pruned, silent bit rot."""
+"""Faults that used to lose work: the only good checkpoint pruned, silent bit rot, two runs in one directory."""
 
 import torch
 
+from mpp.train import pretrain
 from mpp.train.checkpoint import REJECTED, checkpoint_dirs, newest_resumable, save_checkpoint
+from mpp.train.lock import RunDirLock
+from tests.pretrain_runs import TINY
 
 
 def _save(run, step, keep):
@@ -34,3 +37,19 @@ def test_flipped_bytes_inside_tensor_data_are_caught_and_skipped(tmp_path):
     found = newest_resumable(tmp_path)
     assert found.trainer_state["step"] == 100
     assert "model.safetensors does not match the checksum" in found.skipped[0][1]
+
+
+def test_a_second_run_into_a_live_run_directory_stops_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    first = RunDirLock(run).acquire()  # a live run holds the directory
+    code = pretrain.main([*TINY, f"output_dir={run}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{run} is in use by another run" in err[0] and '"pid"' in err[0]
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    first.release()
+    (run / ".lock").write_text('{"pid": 999999, "host": "gone"}')  # left by a killed run: no one holds the lock
+    notes = []
+    with RunDirLock(run, say=notes.append):
+        pass
+    assert notes and "took over the lock of a run that is gone" in notes[0]

@@ -107,6 +107,7 @@ class PretrainConfig:
     # small dataset's hundreds of short epochs do not spend the run writing them.
     checkpoint_every_epochs: int | None = None
     keep_checkpoints: int = 2
+    resume_any_world: bool = False  # resume on another process count than the run was trained on (a different run)
     stop_at_step: int | None = None
     viz_samples: int = 8
     progress: bool = True

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 
 from mpp.config import ConfigError, PretrainConfig, model_overrides, to_dict
@@ -59,6 +60,7 @@ RESUME_FREE_KEYS = {
     "keep_checkpoints",
     "checkpoint_every_steps",
     "monitor",
+    "resume_any_world",
 }
 
 
@@ -162,6 +164,26 @@ def fingerprint_run(config: PretrainConfig, run_dir: Path) -> str | None:
     return line
 
 
+def check_same_world(run_dir: Path, world: int, config: PretrainConfig) -> None:
+    """Refuse to resume on another process count (the effective batch, lr and steps per epoch would change).
+
+    Raises:
+        ConfigError: one line naming both counts and the option that forces it.
+    """
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()).get("_run", {}).get("world_size")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    if saved in (None, world) or config.resume_any_world:
+        return
+    eff = config.optim.batch_size * config.optim.accum_steps
+    raise ConfigError(
+        f"{run_dir} was trained on {saved} process(es) and is resumed on {world}: the effective batch would change "
+        f"from {eff * saved} to {eff * world} (lr and steps per epoch with it); resume on {saved} process(es), or set "
+        "resume_any_world=true to continue anyway as a different run"
+    )
+
+
 def open_run(config: PretrainConfig) -> tuple[Path, Checkpoint | None]:
     """The run directory (created) and the checkpoint an interrupted run there continues from (``None``: fresh)."""
     run_dir = check_output_dir(Path(config.output_dir))
@@ -189,6 +211,8 @@ def train(config: PretrainConfig, started: float) -> Path:
     data = build_pretrain_data(config.data, config.seed, model, head)
     accelerator = make_accelerator(config.mixed_precision, config.cpu, log_with="tensorboard", project_dir=str(run_dir))
     say, main = accelerator.print, accelerator.is_main_process
+    if found is not None:
+        check_same_world(run_dir, accelerator.num_processes, config)
     schedule = plan_schedule(config.optim, len(data.samples), accelerator.num_processes, "optim")
     derived = announce(say, config, model, data, accelerator, schedule, measured)
     if main:

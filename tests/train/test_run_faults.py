@@ -1,11 +1,14 @@
 """Faults that used to lose work: the only good checkpoint pruned, silent bit rot, two runs in one directory."""
 
+import pytest
 import torch
 
+from mpp.config import ConfigError
 from mpp.train import pretrain
 from mpp.train.checkpoint import REJECTED, checkpoint_dirs, newest_resumable, save_checkpoint
 from mpp.train.lock import RunDirLock
-from tests.pretrain_runs import TINY
+from mpp.train.pretrain import check_same_world
+from tests.pretrain_runs import TINY, tiny_config
 
 
 def _save(run, step, keep):
@@ -53,3 +56,13 @@ def test_a_second_run_into_a_live_run_directory_stops_and_a_dead_runs_lock_is_ta
     with RunDirLock(run, say=notes.append):
         pass
     assert notes and "took over the lock of a run that is gone" in notes[0]
+
+
+def test_resuming_on_another_process_count_is_refused_in_one_line(tmp_path):
+    (tmp_path / "config.yaml").write_text("_run:\n  world_size: 2\n")
+    config = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"trained on 2 process\(es\) and is resumed on 1: the effective batch would "
+                                          r"change from 16 to 8.*resume_any_world=true"):  # fmt: skip
+        check_same_world(tmp_path, 1, config)
+    check_same_world(tmp_path, 2, config)
+    check_same_world(tmp_path, 1, tiny_config(tmp_path, "resume_any_world=true"))

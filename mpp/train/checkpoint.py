@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import pickle
 import shutil
@@ -153,7 +154,11 @@ def save_checkpoint(
     def write(directory: Path) -> None:
         weights = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
         save_file(weights, str(directory / "model.safetensors"))
-        torch.save(optimizer_state, directory / "optimizer.pt")
+        # Serialised in memory, written by Python: a full disk is then an OSError (ENOSPC) naming the file, where
+        # torch.save's own writer ends in two chained C++ errors ("basic_ios::clear", "unexpected pos").
+        buffer = io.BytesIO()
+        torch.save(optimizer_state, buffer)
+        (directory / "optimizer.pt").write_bytes(buffer.getbuffer())
 
     return publish_checkpoint(run_dir, tmp, write, state, keep)
 

@@ -1,9 +1,13 @@
 """Faults that used to lose work: the only good checkpoint pruned, silent bit rot, two runs in one directory."""
 
+import errno
+from pathlib import Path
+
 import pytest
 import torch
 
 from mpp.config import ConfigError
+from mpp.runtime import DiskFullError
 from mpp.train import pretrain
 from mpp.train.checkpoint import REJECTED, checkpoint_dirs, newest_resumable, save_checkpoint
 from mpp.train.lock import RunDirLock
@@ -66,3 +70,21 @@ def test_resuming_on_another_process_count_is_refused_in_one_line(tmp_path):
         check_same_world(tmp_path, 1, config)
     check_same_world(tmp_path, 2, config)
     check_same_world(tmp_path, 1, tiny_config(tmp_path, "resume_any_world=true"))
+
+
+@pytest.mark.parametrize("limit", [0, 100, 5000])
+def test_a_full_disk_inside_the_optimizer_file_is_one_clear_error(tmp_path, monkeypatch, limit):
+    _save(tmp_path, 100, keep=2)
+    real = Path.write_bytes
+
+    def full_after(self, data):
+        if self.name == "optimizer.pt":
+            real(self, bytes(data)[:limit])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_after)
+    with pytest.raises(DiskFullError, match="no space left while writing checkpoint .*step_00000200; the previous "
+                                            "checkpoint step_00000100 is intact"):  # fmt: skip
+        _save(tmp_path, 200, keep=2)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step_00000100"]

@@ -229,7 +229,24 @@ def write_config(path: Path, config: dict[str, Any], **derived: Any) -> None:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """A saved run config without its provenance block."""
-    doc = yaml.safe_load(path.read_text()) or {}
+    """A saved run config without its provenance block.
+
+    Raises:
+        ConfigError: the file is not valid YAML or not a mapping (one line naming it).
+    """
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable run config ({first_line(err)})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: not a run config (a {type(doc).__name__}, not a mapping of settings)")
     doc.pop("_run", None)
     return doc
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; a broken one is a ``ValueError`` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({first_line(err)})") from None

@@ -140,6 +140,15 @@ def validate_model(model: ModelConfig, prefix: str = "model.") -> None:
     check(
         img > 0 and img % patch == 0, f"{prefix}img_size", img, f"must be a positive multiple of the patch size {patch}"
     )
+    from mpp.masking import num_kept
+
+    patches = (img // patch) ** 2
+    check(
+        num_kept(patches, model.mask_ratio) >= 1,
+        f"{prefix}mask_ratio",
+        model.mask_ratio,
+        f"leaves no visible patch of the {patches}; lower it",
+    )
     for key in ("in_chans", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         value = getattr(model, key)
         check(value is None or value > 0, f"{prefix}{key}", value, "must be positive")
@@ -194,6 +203,12 @@ def check_pretrain(config: PretrainConfig) -> None:
     check(m.batch_size > 0, "monitor.batch_size", m.batch_size, "must be positive")
     check_precision(config.mixed_precision)
     check(config.log_every > 0, "log_every", config.log_every, "must be positive")
+    check(config.viz_samples >= 0, "viz_samples", config.viz_samples, "must be >= 0 (0: no pictures)")
+    steps = config.checkpoint_every_steps
+    check(steps is None or steps > 0, "checkpoint_every_steps", steps, "must be positive (or null: epoch ends only)")
+    check(0 <= config.seed < 2**32, "seed", config.seed, "must be an integer in [0, 2**32)")
+    check(d.synthetic_classes > 0, "data.synthetic_classes", d.synthetic_classes, "must be positive")
+    check(d.synthetic_size > 0, "data.synthetic_size", d.synthetic_size, "must be positive")
     check(config.keep_checkpoints > 0, "keep_checkpoints", config.keep_checkpoints, "must be positive")
     every = config.checkpoint_every_epochs
     check(every is None or every > 0, "checkpoint_every_epochs", every, "must be positive")

@@ -63,6 +63,10 @@ def infer_source(path: str) -> str:
         if (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file():
             return "hf"
         return "folder"
+    if path.startswith(("/", "./", "../", "~")):
+        from mpp.runtime import ConfigError
+
+        raise ConfigError(f"data.path={path}: no such file or directory")
     return "hf"  # a Hub name or data files
 
 

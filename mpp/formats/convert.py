@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         written = export_model(model, args.dst, args.to, metadata, pth=args.pth)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"mpp convert: error: {err}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as every other command
     kind = "masked autoencoder (with decoder)" if info.has_decoder else "encoder"
     print(f"read {info.path}: {info.format} format, {kind}")
     print(f"config: {json.dumps(info.config)}")

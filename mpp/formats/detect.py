@@ -16,7 +16,6 @@ Reading never runs code from a file: safetensors cannot hold any and pickles go 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from mpp.formats.native import MAE_FORMAT
 from mpp.formats.official import check_known_keys, unwrap_state_dict
 from mpp.formats.safe_load import read_weights_file
 from mpp.formats.timm import hints_from_timm_config, read_timm_config, timm_to_mpp
+from mpp.runtime import read_json
 
 FORMATS = ("mpp", "official", "timm", "hf")
 MPP_FILES = ("mae.safetensors", "encoder.safetensors")
@@ -126,7 +126,7 @@ def _newest_training_checkpoint(run_dir: Path) -> Path | None:
 
 def _read_dir(path: Path, fmt: str | None, encoder_only: bool) -> Source:
     config_path = path / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     if fmt == "hf" or (fmt is None and config.get("model_type") == "vit_mae"):
         state, kwargs, meta, notes = read_hf_dir(path)
         return Source("hf", path, state, config=kwargs, metadata=meta, notes=notes)

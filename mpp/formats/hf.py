@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from mpp.runtime import read_json
+
 # Per-block renames, (mpp suffix, HF v5 suffix, HF v4 suffix); qkv is handled separately.
 _BLOCK_KEYS = [
     ("norm1", "layernorm_before", "layernorm_before"),
@@ -258,7 +260,7 @@ def read_hf_dir(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         ``(mpp-named state, mpp constructor kwargs, metadata (mean/std/norm_pix_loss), notes)``.
     """
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
+    config = read_json(directory / "config.json")
     kwargs, notes = hf_model_kwargs(config)
     state = hf_to_mpp(read_hf_weights(directory))
     meta: dict[str, Any] = {"norm_pix_loss": kwargs["norm_pix_loss"]}

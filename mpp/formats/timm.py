@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from mpp.models.vit import ViTEncoder
+from mpp.runtime import read_json
 
 # timm factory names by (width, depth, heads); the kwargs written next to the weights override the name's own values,
 # so the name only has to be a registered ViT.
@@ -195,7 +196,7 @@ def read_timm_config(path: Path) -> dict[str, Any]:
     candidate = path / "config.json" if path.is_dir() else path.with_suffix(".json")
     if not candidate.is_file():
         return {}
-    config = json.loads(candidate.read_text())
+    config = read_json(candidate)
     return config if "architecture" in config else {}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from mpp.train.budget import BudgetPlan
 from mpp.train.checkpoint import Checkpoint, Checkpointer, TrainState, check_resumable, resume_state
 from mpp.train.engine import FitHooks, RunLog, compile_model, fit, prepare_run
 from mpp.train.fsdp import PlainCopy, load_sharded, save_sharded, shard_model
-from mpp.train.lock import RunDirLock
+from mpp.train.lock import LOCK, RunDirLock
 from mpp.train.monitor import KnnMonitor, MonitorRun, previous_random_reading
 from mpp.train.optim import Schedule, plan_schedule, pretrain_optimizer
 from mpp.viz.reconstruction import save_reconstruction_grid
@@ -196,9 +197,15 @@ def open_run(config: PretrainConfig) -> tuple[Path, Checkpoint | None]:
 def run(config: PretrainConfig) -> Path:
     """Pretrain; returns the run directory. Raises ``NonFiniteLossError`` if the loss diverges."""
     started = time.perf_counter()  # a budget (optim.minutes) counts from here
+    fresh = not Path(config.output_dir).exists()
     run_dir = check_output_dir(Path(config.output_dir))
-    with RunDirLock(run_dir):  # one run per directory; released however the run ends
-        return train(config, started)
+    try:
+        with RunDirLock(run_dir):  # one run per directory; released however the run ends
+            return train(config, started)
+    except Exception:
+        if fresh and all(p.name == LOCK for p in run_dir.iterdir()):  # bad data found before anything was written
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def train(config: PretrainConfig, started: float) -> Path:

@@ -142,7 +142,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="contains code or objects that are not plain tensors") as err:
         load_checkpoint(evil)
     assert str(evil) in str(err.value) and "\n" not in str(err.value)
-    assert cli_main(["convert", str(evil), str(tmp_path / "out")]) == 1
+    assert cli_main(["convert", str(evil), str(tmp_path / "out")]) == 2
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
@@ -349,5 +349,5 @@ def test_cli_help_explains_formats(capsys):
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):
-    assert cli_main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out")]) == 1
+    assert cli_main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("mpp convert: error:")

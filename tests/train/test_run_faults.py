@@ -88,3 +88,32 @@ def test_a_full_disk_inside_the_optimizer_file_is_one_clear_error(tmp_path, monk
                                             "checkpoint step_00000100 is intact"):  # fmt: skip
         _save(tmp_path, 200, keep=2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step_00000100"]
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["viz_samples=-1"], "viz_samples=-1"),
+        (["checkpoint_every_steps=-1"], "checkpoint_every_steps=-1"),
+        (["model.mask_ratio=0.99"], "model.mask_ratio=0.99: leaves no visible patch"),
+        (["seed=100000000000000000000000"], "seed="),
+        (["data.synthetic_classes=0"], "data.synthetic_classes=0"),
+        (["data.mean=[0.1,0.2]", "data.std=[0.1,0.2]"], "data.mean/data.std have 2/2 values"),
+        (["data.source=folder", "data.path=/nonexistent/images"], "/nonexistent/images"),
+        (["--recipe", "BINARY"], "not a text (UTF-8) YAML recipe"),
+    ],
+)
+def test_bad_inputs_are_one_line_naming_the_key_and_leave_nothing(tmp_path, capsys, args, names):
+    (tmp_path / "binary.yaml").write_bytes(b"\x00\xff\xfe")
+    args = [str(tmp_path / "binary.yaml") if a == "BINARY" else a for a in args]
+    out = tmp_path / "run"
+    assert pretrain.main([*TINY, *args, f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and names in err[0] and not out.exists()
+
+
+def test_a_broken_saved_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text(": : [")
+    assert pretrain.main(["--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.yaml: not a readable run config" in err[0]

@@ -88,7 +88,7 @@ def announce(
     say(
         f"mpp pretrain: {config.model.name} ({params / 1e6:.2f}M trainable) on {config.data.source} "
         f"({len(data.samples)} images), {schedule.world} process(es) on {accelerator.device}, "
-        f"precision {accelerator.mixed_precision}"
+        f"precision {'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision}"
     )
     say(schedule.describe("optim"))
     if measured is not None:
@@ -165,6 +165,34 @@ def fingerprint_run(config: PretrainConfig, run_dir: Path) -> str | None:
     return line
 
 
+def run_precision(
+    config: PretrainConfig, model: MaskedAutoencoder, data: PretrainData, run_dir: Path, found: Checkpoint | None
+) -> tuple[str, str | None]:
+    """The precision to run in, and why when ``auto`` chose it on a CPU (:mod:`mpp.train.precision`).
+
+    A resumed run keeps the precision its config.yaml recorded; several CPU processes skip the trial (they could
+    disagree) and run fp32.
+    """
+    if config.mixed_precision != "auto" or (torch.cuda.is_available() and not config.cpu):
+        return config.mixed_precision, None
+    if found is not None:
+        try:
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text()).get("_run", {})
+        except (OSError, yaml.YAMLError, AttributeError):
+            saved = {}
+        if saved.get("precision"):
+            return saved["precision"], f"{saved['precision']} as the run started ({saved.get('precision_reason')})"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "no", "fp32: several CPU processes (the bf16 trial runs for one)"
+    from mpp.train.precision import choose_cpu_precision
+
+    count = min(32, len(data.plain))
+    imgs = torch.stack([data.plain[i][0] for i in range(count)])
+    noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(config.seed))
+    precision, reason, _ = choose_cpu_precision(model, lambda: model(imgs, noise=noise).loss)
+    return precision, reason
+
+
 def check_same_world(run_dir: Path, world: int, config: PretrainConfig) -> None:
     """Refuse to resume on another process count (the effective batch, lr and steps per epoch would change).
 
@@ -216,12 +244,16 @@ def train(config: PretrainConfig, started: float) -> Path:
     model = build_mae(config)
     head = max(config.monitor.samples if config.monitor.enabled else 0, config.viz_samples, 1)
     data = build_pretrain_data(config.data, config.seed, model, head)
-    accelerator = make_accelerator(config.mixed_precision, config.cpu, log_with="tensorboard", project_dir=str(run_dir))
+    precision, precision_note = run_precision(config, model, data, run_dir, found)
+    accelerator = make_accelerator(precision, config.cpu, log_with="tensorboard", project_dir=str(run_dir))
     say, main = accelerator.print, accelerator.is_main_process
     if found is not None:
         check_same_world(run_dir, accelerator.num_processes, config)
     schedule = plan_schedule(config.optim, len(data.samples), accelerator.num_processes, "optim")
     derived = announce(say, config, model, data, accelerator, schedule, measured)
+    if precision_note:
+        say(f"  precision: {precision_note}")
+        derived.update(precision=precision, precision_reason=precision_note)
     if main:
         write_config(run_dir / "config.yaml", to_dict(config), **derived)
     if skipped := start_skip_log(data.samples, run_dir, write=main):

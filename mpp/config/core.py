@@ -21,7 +21,8 @@ import yaml
 from mpp.data import SOURCES
 from mpp.runtime import ConfigError, read_config
 
-PRECISIONS = ("auto", "fp32", "no", "bf16", "fp16")  # fp32 == no (accelerate's spelling); auto: bf16 on CUDA only
+# fp32 == no (accelerate's spelling); auto: bf16 on CUDA, on CPUs fp32 except where pretraining's trial picks bf16
+PRECISIONS = ("auto", "fp32", "no", "bf16", "fp16")
 
 
 @dataclass

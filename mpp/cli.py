@@ -16,6 +16,7 @@ COMMANDS = {  # name: (module with main(argv), help)
     ),
     "finetune": ("mpp.eval.finetune", "full fine-tuning (layer decay, mixup/cutmix, RandAugment), or from scratch"),
     "evaluate": ("mpp.eval.evaluate", "kNN + probe (+ fine-tune) of a run: results.json/.md, confusion plots"),
+    "recipes": ("mpp.recipes", "list the packaged recipes (--recipe NAME uses one) with their one-line summaries"),
     "visualize": ("mpp.viz.visualize", "reconstructions, attention, position tables, PCA of an encoder: index.html"),
 }
 

@@ -190,6 +190,10 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     this one's keys over them, section by section, so a recipe states only what differs from the ones it builds on.
     """
     path = Path(path)
+    if not path.is_file() and not _seen:
+        from mpp.recipes import packaged
+
+        path = packaged(str(path)) or path  # a packaged recipe by name: --recipe fmnist_tiny
     if not path.is_file():
         where = f" (included from {_seen[-1]})" if _seen else ""
         raise ConfigError(f"recipe file {str(path)!r} does not exist{where}")

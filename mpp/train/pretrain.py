@@ -238,8 +238,9 @@ def run(config: PretrainConfig) -> Path:
 
 def train(config: PretrainConfig, started: float) -> Path:
     """:func:`run` under the run directory's lock."""
+    # before the resume check: the measured mean/std are part of the settings the run was started with
+    measured = fingerprint_run(config, Path(config.output_dir))
     run_dir, found = open_run(config)
-    measured = fingerprint_run(config, run_dir)
     seed_everything(config.seed)  # before the model, so its initial weights are the seed's
     model = build_mae(config)
     head = max(config.monitor.samples if config.monitor.enabled else 0, config.viz_samples, 1)

@@ -201,8 +201,8 @@ def run_command(prog: str, build: Callable[[], Any], run: Callable[[Any], Any], 
     except StopSignalError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return err.code
-    except KeyboardInterrupt:  # Ctrl-C before or after training (during it, the engine checkpoints first)
-        print(f"{prog}: interrupted (SIGINT) outside training; nothing to checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (inside one, the engine checkpoints first)
+        print(f"{prog}: interrupted; a resume continues from the last checkpoint, if any", file=sys.stderr)
         return 130
     return 0
 

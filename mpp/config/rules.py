@@ -185,8 +185,10 @@ def rule_settings(overrides: list[str], say: Any = print) -> dict[str, Any] | No
         keys, value = parse_override(item)
         merge(data, keys, value)
         given.add(".".join(keys) if keys != ["model"] else "model.name")
-    auto = data.get("auto")
-    if not (auto is True or (auto is None and data.get("data", {}).get("path"))):
+    auto, section = data.get("auto"), data.get("data", {})
+    if section.get("streaming"):  # a stream is never decoded up front: nothing to fingerprint
+        return None
+    if not (auto is True or (auto is None and section.get("path"))):
         return None
     settings: dict[str, Any] = {}
     if "data.source" not in given and data.get("data", {}).get("path"):

@@ -75,7 +75,11 @@ class Mixed(ConcatDataset):
 
 
 def unlabeled_pool(splits: Splits, limit: int | None = None, seed: int = 0) -> list[int]:
-    """Training-split indices neither labelled nor held out for validation (a seeded ``limit`` of them), sorted."""
+    """Training-split indices neither labelled nor held out for validation (a seeded ``limit`` of them), sorted.
+
+    Raises:
+        ValueError: there are none.
+    """
     train = splits.train
     assert isinstance(train, Subset), "build_splits gives Subset splits"
     taken = set(train.indices) | (set(splits.val.indices) if isinstance(splits.val, Subset) else set())
@@ -83,6 +87,8 @@ def unlabeled_pool(splits: Splits, limit: int | None = None, seed: int = 0) -> l
     if limit is not None and limit < len(pool):
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(mix_seed(seed, 11)))
         pool = sorted(pool[i] for i in order[:limit].tolist())
+    if not pool:
+        raise ValueError("finetune.semi: no unlabeled training images (every image is labelled or validation)")
     return pool
 
 
@@ -132,8 +138,6 @@ def self_train(
     """The rounds; ``finetune`` is :func:`mpp.eval.finetune.finetune`. Returns the chosen round's entries and model."""
     semi, say = config.finetune.semi, session.say
     pool = unlabeled_pool(splits, semi.pool_limit, config.seed)
-    if not pool:
-        raise ValueError("finetune.semi: no unlabeled training images (every image is labelled or validation)")
     train_base = splits.train.dataset  # type: ignore[attr-defined]
     plain = session.splits(config=config)  # the same split with the evaluation transform: what the teacher sees
     pool_view = HiddenLabels(Subset(plain.train.dataset, pool))  # type: ignore[attr-defined]
@@ -245,8 +249,6 @@ class FixMatch:
         """The pool of ``splits`` with FixMatch's views: weak = flip and a mild crop; strong = RandAugment + erasing."""
         f, semi = config.finetune, config.finetune.semi
         pool = unlabeled_pool(splits, semi.pool_limit, config.seed)
-        if not pool:
-            raise ValueError("finetune.semi: no unlabeled training images (every image is labelled or validation)")
         enc = session.encoder
         common = {"in_chans": enc.in_chans, "hflip": f.hflip}
         weak_tf = finetune_transform(enc.img_size, session.mean, session.std, rand_augment=None, reprob=0.0,

@@ -356,11 +356,33 @@ def fit(
     bar = tqdm(total=schedule.total_steps, initial=state.step, disable=not show, unit="step", dynamic_ncols=True)
     watch = _StepWatch(accelerator, bar, schedule, log, log_every, hooks, extra, save, every_steps, stop_at_step)
     watch.pacer = _pacer(accelerator, schedule, state, hooks, bar, say, started, clock)
-    signals = StopSignals()
-    with signals:
+    with StopSignals() as signals:  # the first stop signal only ends the step (mpp.train.signals)
         watch.signals = signals
-        _fit_loop(accelerator, model, optimizer, loss_fn, schedule, state, loader_for, seed, clip_grad, checkpointer,
-                  hooks, stop_at_step, watch, save, say)  # fmt: skip
+        try:
+            while state.step < schedule.total_steps and not watch.stop:
+                if stop_at_step is not None and state.step >= stop_at_step:
+                    break
+                usable = min(
+                    schedule.micro_batches_per_epoch - state.batch_in_epoch,
+                    (schedule.total_steps - state.step) * schedule.accum_steps,
+                )
+                batches = (b for i, b in enumerate(loader_for(state.epoch, state.batch_in_epoch)) if i < usable)
+                train_one_epoch(
+                    accelerator, model, optimizer, batches, loss_fn, state, schedule, clip_grad, seed, on_step=watch
+                )
+                watch.losses.read(state.step)
+                if state.batch_in_epoch >= schedule.micro_batches_per_epoch or state.step >= schedule.total_steps:
+                    _close_epoch(state, schedule, watch, say)  # a budget's last epoch ends where its steps do
+                if hooks.on_epoch_end is not None:
+                    hooks.on_epoch_end(state)
+                due = checkpointer is not None and state.batch_in_epoch == 0 and checkpointer.due(state.epoch, schedule)
+                if checkpointer is not None and (due or watch.stop):
+                    path = save()
+                    if say is not None and path is not None and watch.stop and watch.signal is None:
+                        say(f"  stopped at step {state.step}: checkpoint {path}")
+        finally:
+            watch.bar.close()
+
     if watch.signal is not None:
         name = signal.Signals(watch.signal).name
         saved = "no run directory, nothing saved"
@@ -369,50 +391,6 @@ def fit(
             saved = f"checkpoint in {where / 'checkpoints'}; run the same command again (or --resume {where})"
         raise StopSignalError(f"stopped by {name} after step {state.step}: {saved}", 128 + watch.signal)
     return state.step >= schedule.total_steps
-
-
-def _fit_loop(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-    schedule: Schedule,
-    state: TrainState,
-    loader_for: Callable[[int, int], Iterable[Any]],
-    seed: int,
-    clip_grad: float | None,
-    checkpointer: Checkpointer | None,
-    hooks: FitHooks,
-    stop_at_step: int | None,
-    watch: _StepWatch,
-    save: Callable[[], Path | None],
-    say: Callable[[str], None] | None,
-) -> None:
-    """:func:`fit`'s epochs: train, close the epoch, the stage's epoch-end hook, checkpoints when due or stopped."""
-    try:
-        while state.step < schedule.total_steps and not watch.stop:
-            if stop_at_step is not None and state.step >= stop_at_step:
-                break
-            usable = min(
-                schedule.micro_batches_per_epoch - state.batch_in_epoch,
-                (schedule.total_steps - state.step) * schedule.accum_steps,
-            )
-            batches = (b for i, b in enumerate(loader_for(state.epoch, state.batch_in_epoch)) if i < usable)
-            train_one_epoch(
-                accelerator, model, optimizer, batches, loss_fn, state, schedule, clip_grad, seed, on_step=watch
-            )
-            watch.losses.read(state.step)
-            if state.batch_in_epoch >= schedule.micro_batches_per_epoch or state.step >= schedule.total_steps:
-                _close_epoch(state, schedule, watch, say)  # a budget's last epoch ends where its steps do
-            if hooks.on_epoch_end is not None:
-                hooks.on_epoch_end(state)
-            due = checkpointer is not None and state.batch_in_epoch == 0 and checkpointer.due(state.epoch, schedule)
-            if checkpointer is not None and (due or watch.stop):
-                path = save()
-                if say is not None and path is not None and watch.stop and watch.signal is None:
-                    say(f"  stopped at step {state.step}: checkpoint {path}")
-    finally:
-        watch.bar.close()
 
 
 def _agreed_max(accelerator: Accelerator, value: float) -> float:

@@ -42,7 +42,7 @@ class StageConfig:
     init: str | None = None  # run dir, encoder.safetensors, checkpoint, or "random"
     model: str | None = None  # registry variant for init=random
     stem: str | None = None  # init=random: the patch stem (linear or conv); None: the variant's (linear)
-    global_pool: str | None = None  # token | avg; None: the encoder's own
+    global_pool: str | None = None  # token | avg | tokens (every patch token, flattened); None: the encoder's own
     feature_blocks: int = 1  # kNN / probe: concatenate the pooled outputs of the last n blocks (fine-tuning: 1)
     img_size: int | None = None  # evaluate / fine-tune at another resolution (position table resized)
     patch_size: int | None = None  # ... or another patch size (patch-embed kernel resampled)
@@ -250,6 +250,7 @@ def _check_schedule(section: Any, prefix: str) -> None:
 
 def check_stage(config: StageConfig) -> None:
     """Every impossible value of an evaluation config (one-line :class:`ConfigError` naming the key)."""
+    from mpp.models.classifier import CLASSIFIER_POOLS
     from mpp.models.registry import MODEL_CONFIGS
 
     check(
@@ -268,7 +269,12 @@ def check_stage(config: StageConfig) -> None:
         config.model,
         "init=random needs the architecture: set model=<registry name>, e.g. model=mae_vit_tiny_patch4",
     )
-    check(config.global_pool in (None, "token", "avg"), "global_pool", config.global_pool, "must be token or avg")
+    check(
+        config.global_pool in (None, *CLASSIFIER_POOLS),
+        "global_pool",
+        config.global_pool,
+        "must be token, avg or tokens",
+    )
     check(config.stem in (None, "linear", "conv"), "stem", config.stem, "must be linear or conv")
     check(config.feature_blocks >= 1, "feature_blocks", config.feature_blocks, "must be >= 1")
     check_positive(config, "", "img_size", "patch_size", "labels_per_class")

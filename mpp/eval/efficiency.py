@@ -309,9 +309,24 @@ def curves(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def best_of(points: list[dict[str, Any]]) -> tuple[float, str] | None:
-    """The highest top-1 among ``(role, point)`` pairs' protocols, and which: ``(value, "role protocol")``."""
-    found = [(v, f"{ROLE_NAMES[role]} {PROTOCOL_NAMES.get(n, n)}") for role, p in points for n, v in p["top1"].items()]
-    return max(found) if found else None
+    """The protocol chosen among ``(role, point)`` pairs, and its test top-1: ``(test, "role protocol")``.
+
+    The choice is made on validation top-1 when every candidate measured one (``data.val_size``): choosing the best
+    column by its test score would let the test set pick the readout. Without a validation split it falls back to test
+    and the label says so.
+    """
+    found = [
+        (p["val_top1"].get(n), v, f"{ROLE_NAMES[role]} {PROTOCOL_NAMES.get(n, n)}")
+        for role, p in points
+        for n, v in p["top1"].items()
+    ]
+    if not found:
+        return None
+    if all(val is not None for val, _, _ in found):
+        _, test, label = max(found, key=lambda f: (f[0], f[1]))
+        return test, label
+    test, label = max((t, name) for _, t, name in found)
+    return test, f"{label}, by test: no validation split"
 
 
 def efficiency_markdown(report: dict[str, Any]) -> str:

@@ -2,8 +2,11 @@
 
 ``global_pool="token"``: the cls token after the encoder's final ``norm``. ``global_pool="avg"``: the mean of the
 patch tokens straight out of the blocks, then a fresh LayerNorm ``fc_norm``; the encoder's ``norm`` is dropped
-(replaced by an identity), as the official ``models_vit`` deletes it. The linear probe uses the same features with a
-parameter-free BatchNorm in front of its linear head (``head_bn=True``).
+(replaced by an identity), as the official ``models_vit`` deletes it. ``global_pool="tokens"``: no pooling at all, every
+patch token after the encoder's final ``norm``, flattened in grid order (``L x D`` features). Pooling throws away where
+things are, which a small image's classes largely depend on; the flattened map is the encoder's counterpart of the
+raw-pixel logistic regression (which sees every pixel in place), so a frozen readout is compared like with like. The
+linear probe uses the same features with a parameter-free BatchNorm in front of its linear head (``head_bn=True``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from mpp.models.vit import LayerNorm6, ViTEncoder
+
+# How a classifier reads the encoder's tokens out (see the module docstring).
+CLASSIFIER_POOLS = ("token", "avg", "tokens")
 
 # Head initialisations of the official code: fine-tuning (main_finetune) and linear probing (main_linprobe).
 FINETUNE_HEAD_STD = 2e-5
@@ -25,7 +31,8 @@ class ViTClassifier(nn.Module):
     Args:
         encoder: a :class:`ViTEncoder` (a full masked autoencoder works too; its decoder is unused).
         num_classes: outputs of the head.
-        global_pool: ``"token"`` or ``"avg"``; ``None`` keeps the encoder's own.
+        global_pool: ``"token"``, ``"avg"`` or ``"tokens"`` (every patch token, flattened); ``None`` keeps the
+            encoder's own.
         head_init_std: std of the truncated-normal head weight (bias zero): 2e-5 to fine-tune, 0.01 to probe.
         head_bn: put ``BatchNorm1d(affine=False, eps=1e-6)`` before the linear head (the linear probe's).
         feature_blocks: pool the outputs of the last ``n`` blocks and concatenate them (``n x D`` features), as
@@ -33,8 +40,8 @@ class ViTClassifier(nn.Module):
             normalisation as the last one's (``fc_norm`` for ``avg``, the encoder's final norm for ``token``). For the
             frozen protocols; fine-tuning uses 1.
 
-    Shapes: ``forward_features``: ``[N, C, H, W] -> [N, feature_blocks x D]``; ``forward``: ``[N, C, H, W] ->
-    [N, num_classes]``.
+    Shapes: ``forward_features``: ``[N, C, H, W] -> [N, feature_blocks x D]`` (``tokens``: ``feature_blocks x L x D``);
+    ``forward``: ``[N, C, H, W] -> [N, num_classes]``.
     """
 
     def __init__(
@@ -50,8 +57,8 @@ class ViTClassifier(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         pool = global_pool or encoder.global_pool
-        if pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {pool!r}")
+        if pool not in CLASSIFIER_POOLS:
+            raise ValueError(f"global_pool must be one of {CLASSIFIER_POOLS}, got {pool!r}")
         if pool == "token" and encoder.cls_token is None:
             raise ValueError("global_pool='token' needs an encoder with a cls token; use global_pool='avg'")
         if not 1 <= feature_blocks <= len(encoder.blocks):
@@ -62,7 +69,8 @@ class ViTClassifier(nn.Module):
         self.global_pool = pool
         self.num_classes = num_classes
         self.feature_blocks = feature_blocks
-        self.embed_dim = encoder.embed_dim * feature_blocks
+        per_block = encoder.embed_dim * (encoder.num_patches if pool == "tokens" else 1)
+        self.embed_dim = per_block * feature_blocks
         if pool == "avg":
             encoder.norm = nn.Identity()
             self.fc_norm: nn.Module = LayerNorm6(encoder.embed_dim)  # per block: shared by all feature_blocks
@@ -80,7 +88,7 @@ class ViTClassifier(nn.Module):
         return len(self.encoder.blocks)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Pooled features: ``[N, C, H, W] -> [N, feature_blocks x D]``."""
+        """Pooled features: ``[N, C, H, W] -> [N, feature_blocks x D]`` (``tokens``: ``feature_blocks x L x D``)."""
         if self.feature_blocks == 1:
             tokens = self.encoder.forward_features(imgs)  # final norm applied in token mode, identity in avg mode
             return self.pool_block(tokens, last=True)
@@ -94,9 +102,12 @@ class ViTClassifier(nn.Module):
         return torch.cat(pooled, dim=1)
 
     def pool_block(self, tokens: torch.Tensor, last: bool) -> torch.Tensor:
-        """One block's pooled feature ``[N, T, D] -> [N, D]``; ``last``: the encoder's own norm already applied."""
+        """One block's feature ``[N, T, D] -> [N, D]`` (``tokens``: ``[N, L x D]``); ``last``: encoder norm applied."""
         if self.global_pool == "avg":
             return self.fc_norm(tokens[:, self.encoder.num_prefix_tokens :].mean(dim=1))
+        if self.global_pool == "tokens":
+            patches = tokens[:, self.encoder.num_prefix_tokens :]
+            return (patches if last else self.encoder.norm(patches)).flatten(1)
         return tokens[:, 0] if last else self.encoder.norm(tokens[:, 0])  # token mode keeps the encoder's norm
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from mpp.cli import main as cli_main
 from mpp.config import ConfigError, EvaluateConfig, build_config
 from mpp.config.stages import parse_budgets
 from mpp.data.transforms import eval_transform
-from mpp.eval.efficiency import COLOURS
+from mpp.eval.efficiency import COLOURS, best_of
 from mpp.eval.features import FeatureCache, extract_split_features
 from mpp.eval.session import build_splits, open_encoder
 from mpp.formats.native import save_encoder
@@ -216,3 +216,11 @@ def test_too_large_a_budget_fails_before_the_first_run(tmp_path, encoder_run, ca
     out = tmp_path / "big"
     assert cli_main(["evaluate", str(encoder_run), *SYNTH, "budgets=1,1000", f"output_dir={out}"]) == 2
     assert "labels_per_class=1000" in capsys.readouterr().err and not out.exists()
+
+
+def test_best_column_is_chosen_on_validation_not_test():
+    # The probe wins on test but the kNN wins on validation: the table reports the kNN's test figure.
+    mae = {"top1": {"knn": 70.0, "probe": 75.0}, "val_top1": {"knn": 72.0, "probe": 71.0}}
+    assert best_of([("mae", mae)]) == (70.0, "MAE kNN")
+    unvalidated = {"top1": {"knn": 70.0, "probe": 75.0}, "val_top1": {}}
+    assert best_of([("mae", unvalidated)]) == (75.0, "MAE linear probe, by test: no validation split")

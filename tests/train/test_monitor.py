@@ -102,15 +102,18 @@ def test_bad_monitor_settings_name_the_key(override, message):
         build_config(PretrainConfig, None, [*TINY, override])
 
 
-@pytest.mark.parametrize("pool", ["token", "avg"])
+@pytest.mark.parametrize("pool", ["token", "avg", "tokens"])
 def test_feature_blocks_concatenate_the_last_blocks(pool):
     torch.manual_seed(0)
     encoder = create_model("mae_vit_micro_patch4").eval()
     imgs = torch.randn(3, 1, 28, 28)
     one = ViTClassifier(copy.deepcopy(encoder), 10, pool).eval()
     two = ViTClassifier(copy.deepcopy(encoder), 10, pool, feature_blocks=2).eval()
+    width = encoder.embed_dim * (encoder.num_patches if pool == "tokens" else 1)  # tokens: the whole map, flattened
     both = two.forward_features(imgs)
-    assert both.shape == (3, 2 * encoder.embed_dim) and two.head.in_features == 2 * encoder.embed_dim
-    torch.testing.assert_close(both[:, encoder.embed_dim :], one.forward_features(imgs))  # the last block's part
+    assert both.shape == (3, 2 * width) and two.head.in_features == 2 * width
+    torch.testing.assert_close(both[:, width:], one.forward_features(imgs))  # the last block's part
+    if pool == "tokens":  # every patch token after the final norm, in grid order, cls left out
+        torch.testing.assert_close(one.forward_features(imgs), encoder.forward_features(imgs)[:, 1:].flatten(1))
     with pytest.raises(ValueError, match="feature_blocks must be in"):
         ViTClassifier(copy.deepcopy(encoder), 10, pool, feature_blocks=3)

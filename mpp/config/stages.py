@@ -185,6 +185,9 @@ class EvaluateConfig(StageConfig):
     probe: ProbeSettings = field(default_factory=ProbeSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     run_finetune: bool = False
+    # More frozen readouts (global_pool values, e.g. tokens) measured beside global_pool by kNN and the cached probe,
+    # as protocols knn_<pool> / probe_<pool>; the efficiency table's best column then chooses among them on validation.
+    readouts: list[str] | str | None = None
     # Data-efficiency sweep (mpp.eval.efficiency): labels per class, or "all"; None runs the single budget above.
     budgets: list[int | str] | int | str | None = None
     compare_random: bool = True  # with budgets: also run the baseline, to show what pretraining buys
@@ -199,6 +202,8 @@ class EvaluateConfig(StageConfig):
     def __post_init__(self) -> None:
         # The command line gives "1,10,all" as one string, a recipe a list: keep one canonical form either way.
         self.budgets = parse_budgets(self.budgets)
+        if isinstance(self.readouts, str):
+            self.readouts = [r.strip() for r in self.readouts.split(",") if r.strip()]
         if isinstance(self.baselines, str):
             self.baselines = [b.strip() for b in self.baselines.split(",") if b.strip() and b.strip() != "none"]
 
@@ -308,6 +313,8 @@ def check_stage(config: StageConfig) -> None:
             "must be two or more different seeds >= 0, e.g. label_seeds=[0,1,2]",
         )
         check(config.seeded_budgets >= 1, "seeded_budgets", config.seeded_budgets, "must be >= 1")
+    for name in getattr(config, "readouts", None) or []:
+        check(name in CLASSIFIER_POOLS, "readouts", name, f"must be among {', '.join(CLASSIFIER_POOLS)}")
     for name in getattr(config, "baselines", []):
         check(name in BASELINES, "baselines", name, f"must be among {', '.join(BASELINES)} (or none)")
     cnn = getattr(config, "cnn", None)

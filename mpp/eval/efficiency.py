@@ -46,6 +46,16 @@ PROTOCOL_NAMES = {
     "finetune": "fine-tune",
     "finetune_ema": "fine-tune (EMA)",
 }
+
+
+def protocol_name(name: str) -> str:
+    """A protocol as a reader knows it: ``knn`` -> ``kNN``; ``probe_tokens`` -> ``linear probe (tokens)``."""
+    if name in PROTOCOL_NAMES:
+        return PROTOCOL_NAMES[name]
+    base, _, readout = name.partition("_")
+    return f"{PROTOCOL_NAMES[base]} ({readout})" if base in PROTOCOL_NAMES and readout else name
+
+
 # matplotlib's tab10 colours, in its order: familiar to readers of plots.
 COLOURS = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
@@ -316,7 +326,7 @@ def best_of(points: list[dict[str, Any]]) -> tuple[float, str] | None:
     and the label says so.
     """
     found = [
-        (p["val_top1"].get(n), v, f"{ROLE_NAMES[role]} {PROTOCOL_NAMES.get(n, n)}")
+        (p["val_top1"].get(n), v, f"{ROLE_NAMES[role]} {protocol_name(n)}")
         for role, p in points
         for n, v in p["top1"].items()
     ]
@@ -335,7 +345,7 @@ def efficiency_markdown(report: dict[str, Any]) -> str:
     roles, shown = list(encoders), curves(report)
     others = [r for r in roles if r != "mae"]
     header = ["labels per class", "train images"]
-    header += [f"{ROLE_NAMES[r]} {PROTOCOL_NAMES.get(n, n)}" for r, n in shown]
+    header += [f"{ROLE_NAMES[r]} {protocol_name(n)}" for r, n in shown]
     header += ["MAE best - best baseline (which)"] if others else []
     lines = [
         f"# Data efficiency: {report['variant']} on {report['dataset']}",
@@ -362,7 +372,7 @@ def efficiency_markdown(report: dict[str, Any]) -> str:
         for role, name in shown:
             row.append(_cell(points[role]["top1"].get(name), points[role].get("spread", {}).get(name)))
             if name in points[role]["skipped"]:
-                where = f"{ROLE_NAMES[role]} {PROTOCOL_NAMES.get(name, name)} at {_budget_cell(mae)} per class"
+                where = f"{ROLE_NAMES[role]} {protocol_name(name)} at {_budget_cell(mae)} per class"
                 notes[where] = points[role]["skipped"][name]
         if others:
             ours, theirs = best_of([("mae", mae)]), best_of([(r, points[r]) for r in others])
@@ -508,7 +518,7 @@ def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560)
     for protocol, role, _ in lines_drawn:
         sample, middle = [(lx, ly + 10 * s), (lx + 40 * s, ly + 10 * s)], [(lx + 20 * s, ly + 10 * s)]
         _series_line(draw, sample, colours[(role, protocol)], role != "mae", s, middle)
-        name = f"{ROLE_NAMES[role]} {PROTOCOL_NAMES.get(protocol, protocol)}"
+        name = f"{ROLE_NAMES[role]} {protocol_name(protocol)}"
         draw.text((lx + 50 * s, ly + 2 * s), name, fill="black", font=small)
         ly += 26 * s
     title = f"Data efficiency: {report['variant']} on {report['dataset']}"

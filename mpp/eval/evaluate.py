@@ -74,22 +74,27 @@ def run_budget(
     say(f"mpp evaluate: {session.describe(classifier.global_pool)} from {config.init}")
     say(f"{session.data_line(splits)}, on {accelerator.device}; output {run_dir}")
     session.save_config(splits, run_dir=run_dir, config=config)
-    feats = split_features(classifier, splits, accelerator, config.data, config.progress, features)
-    protocols: dict[str, Any] = {
-        "knn": knn_protocol(*feats.train, *feats.test, splits.classes, config.knn, accelerator.device, val=feats.val)
-    }
-    say(f"  kNN: top-1 {protocols['knn']['top1']:.2f}%")
-    if skip_probe is not None:
-        say(f"  linear probe: skipped ({skip_probe})")
-    elif config.probe.mode == "cached":
-        protocols["probe"] = cached_probe(
-            *feats.train, *feats.test, splits.classes, config.probe, accelerator, config.seed, say, val=feats.val
-        )
-    else:
-        probe_splits = session.splits(probe_transform(session), config=config)
-        protocols["probe"] = full_probe(config, classifier, probe_splits, accelerator, say)  # type: ignore[arg-type]
-    if "probe" in protocols:
-        say(f"  linear probe: top-1 {protocols['probe']['top1']:.2f}%")
+    protocols: dict[str, Any] = {}
+    for pool in [classifier.global_pool, *[r for r in config.readouts or [] if r != classifier.global_pool]]:
+        suffix = "" if pool == classifier.global_pool else f"_{pool}"
+        reader = classifier if not suffix else probe_classifier(session, splits, session.frozen_encoder(), pool)
+        if suffix:
+            say(f"  readout {pool}: {reader.embed_dim} features per image")
+        feats = split_features(reader, splits, accelerator, config.data, config.progress, features, readout=pool)
+        knn = knn_protocol(*feats.train, *feats.test, splits.classes, config.knn, accelerator.device, val=feats.val)
+        protocols[f"knn{suffix}"] = knn
+        say(f"  kNN{suffix}: top-1 {knn['top1']:.2f}%")
+        if skip_probe is not None:
+            say(f"  linear probe{suffix}: skipped ({skip_probe})")
+        elif config.probe.mode == "cached":
+            protocols[f"probe{suffix}"] = cached_probe(
+                *feats.train, *feats.test, splits.classes, config.probe, accelerator, config.seed, say, val=feats.val
+            )
+        elif not suffix:  # the full probe trains through the encoder: the configured readout only
+            probe_splits = session.splits(probe_transform(session), config=config)
+            protocols["probe"] = full_probe(config, classifier, probe_splits, accelerator, say)  # type: ignore[arg-type]
+        if f"probe{suffix}" in protocols:
+            say(f"  linear probe{suffix}: top-1 {protocols[f'probe{suffix}']['top1']:.2f}%")
     if config.run_finetune:
         protocols.update(_finetune(session, config, run_dir / "finetune"))
     extra = {"skipped": {"probe": skip_probe}} if skip_probe is not None else {}

@@ -81,42 +81,53 @@ class FeatureCache:
     """
 
     def __init__(self) -> None:
-        self._feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # readout name (e.g. the pooling) -> (train_x, train_y, test_x, test_y); one encoder can be read out many ways
+        self._feats: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._rows: dict[int, int] = {}  # train dataset index -> row of the cached train features
-        self._test: list[int] = []
+        self._test: list[int] | None = None
 
     def features(
-        self, classifier: Any, splits: Splits, accelerator: Any, batch_size: int, num_workers: int, progress: bool
+        self,
+        classifier: Any,
+        splits: Splits,
+        accelerator: Any,
+        batch_size: int,
+        num_workers: int,
+        progress: bool,
+        readout: str = "",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(train_x, train_y, test_x, test_y)`` of ``splits``, like :func:`extract_split_features`."""
+        """``(train_x, train_y, test_x, test_y)`` of ``splits``, like :func:`extract_split_features`.
+
+        ``readout`` names the classifier's way of reading the encoder out: each is extracted once.
+        """
         train, test = splits.train, splits.test
         if not isinstance(train, Subset) or not isinstance(test, Subset):
             raise TypeError("FeatureCache needs the Subset splits of build_splits")
-        if self._feats is None:
+        if self._test is not None and list(test.indices) != self._test:
+            raise RuntimeError("FeatureCache: the test split changed; a cache serves one encoder and one data config")
+        if readout not in self._feats:
             labelled = [i for i, t in enumerate(targets_of(train.dataset)) if t >= 0]
             everything = Splits(Subset(train.dataset, labelled), test, splits.classes)
             # DataLoaders draw a seed from torch's global generator: forked, so every budget then starts its probe from
             # the same random state, whether it extracted the features or found them here.
             with torch.random.fork_rng(devices=[]):
-                self._feats = extract_split_features(
+                self._feats[readout] = extract_split_features(
                     classifier, everything, accelerator, batch_size, num_workers, progress
                 )
             self._rows = {index: row for row, index in enumerate(labelled)}
             self._test = list(test.indices)
-        elif list(test.indices) != self._test:
-            raise RuntimeError("FeatureCache: the test split changed; a cache serves one encoder and one data config")
         rows = torch.tensor([self._rows[i] for i in train.indices], dtype=torch.long)
-        train_x, train_y, test_x, test_y = self._feats
+        train_x, train_y, test_x, test_y = self._feats[readout]
         return train_x[rows], train_y[rows], test_x, test_y
 
-    def val_features(self, splits: Splits) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def val_features(self, splits: Splits, readout: str = "") -> tuple[torch.Tensor, torch.Tensor] | None:
         """After :meth:`features`: the validation split's features, sliced from the same extraction (or ``None``)."""
-        if splits.val is None or self._feats is None:
+        if splits.val is None or readout not in self._feats:
             return None
         if not isinstance(splits.val, Subset):
             raise TypeError("FeatureCache needs the Subset splits of build_splits")
         rows = torch.tensor([self._rows[i] for i in splits.val.indices], dtype=torch.long)
-        return self._feats[0][rows], self._feats[1][rows]
+        return self._feats[readout][0][rows], self._feats[readout][1][rows]
 
 
 @dataclass
@@ -135,15 +146,17 @@ def split_features(
     data: Any,
     progress: bool,
     cache: FeatureCache | None = None,
+    readout: str = "",
 ) -> SplitFeatures:
     """Features of the train, validation and test splits, from ``cache`` (sliced) or extracted now.
 
-    ``data`` is the stage's data section (``batch_size``, ``num_workers``).
+    ``data`` is the stage's data section (``batch_size``, ``num_workers``); ``readout`` names the classifier's readout
+    in the cache.
     """
     b, w = data.batch_size, data.num_workers
     if cache is not None:
-        train_x, train_y, test_x, test_y = cache.features(classifier, splits, accelerator, b, w, progress)
-        return SplitFeatures((train_x, train_y), (test_x, test_y), cache.val_features(splits))
+        train_x, train_y, test_x, test_y = cache.features(classifier, splits, accelerator, b, w, progress, readout)
+        return SplitFeatures((train_x, train_y), (test_x, test_y), cache.val_features(splits, readout))
     train_x, train_y, test_x, test_y = extract_split_features(classifier, splits, accelerator, b, w, progress)
     val = None
     if splits.val is not None:

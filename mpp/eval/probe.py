@@ -40,6 +40,7 @@ from mpp.eval.labels import carve_features
 from mpp.eval.metrics import classification_metrics
 from mpp.eval.session import Session, Splits
 from mpp.models.classifier import PROBE_HEAD_STD, ViTClassifier
+from mpp.models.vit import ViTEncoder
 from mpp.train.checkpoint import Checkpoint, TrainState
 from mpp.train.engine import FitHooks, StageRun, StepInfo, fit, train_images
 from mpp.train.optim import Schedule, absolute_lr, effective_batch, lars_optimizer, lars_param_groups, plan_schedule
@@ -311,11 +312,17 @@ def run(config: ProbeConfig) -> Path:
     return session.run_dir
 
 
-def probe_classifier(session: Session, splits: Splits) -> ViTClassifier:
-    """The session's encoder read out as the paper's probe: pooled features, parameter-free BN, a linear head."""
+def probe_classifier(
+    session: Session, splits: Splits, encoder: ViTEncoder | None = None, pool: str | None = None
+) -> ViTClassifier:
+    """The session's encoder read out as the paper's probe: pooled features, parameter-free BN, a linear head.
+
+    ``encoder`` and ``pool`` replace the session's encoder and ``global_pool`` (a second readout of the same weights).
+    """
     config = session.config
-    pool, blocks = config.global_pool, config.feature_blocks
-    return ViTClassifier(session.encoder, splits.num_classes, pool, PROBE_HEAD_STD, head_bn=True, feature_blocks=blocks)
+    pool, blocks = pool or config.global_pool, config.feature_blocks
+    encoder = encoder or session.encoder
+    return ViTClassifier(encoder, splits.num_classes, pool, PROBE_HEAD_STD, head_bn=True, feature_blocks=blocks)
 
 
 def probe_transform(session: Session) -> Any:

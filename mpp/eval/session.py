@@ -192,6 +192,16 @@ class Session:
         make_trainable_grid(encoder, self.config.img_size, self.config.patch_size)
         return encoder
 
+    def frozen_encoder(self) -> ViTEncoder:
+        """A new copy of the encoder as it was opened, on the frozen protocols' grid.
+
+        For a second readout of the same weights: an average-pooling classifier drops the encoder's final norm in
+        place (as the official code does), which a readout of the normed tokens needs.
+        """
+        encoder, _ = open_encoder(self.config)
+        move_to_grid(encoder, self.config)
+        return encoder.eval()
+
     def finish(self) -> None:
         """Wait for every process and close the trackers."""
         self.accelerator.wait_for_everyone()

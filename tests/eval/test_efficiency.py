@@ -224,3 +224,23 @@ def test_best_column_is_chosen_on_validation_not_test():
     assert best_of([("mae", mae)]) == (70.0, "MAE kNN")
     unvalidated = {"top1": {"knn": 70.0, "probe": 75.0}, "val_top1": {}}
     assert best_of([("mae", unvalidated)]) == (75.0, "MAE linear probe, by test: no validation split")
+
+
+def test_extra_readout_is_the_same_as_a_lone_run_of_it(tmp_path):
+    # avg pooling drops the encoder's final norm in place; the tokens readout beside it must still read the normed
+    # tokens (a norm far from identity here), exactly as a lone run with global_pool=tokens does.
+    torch.manual_seed(0)
+    encoder = mpp.create_model(MICRO, global_pool="avg")
+    torch.nn.init.normal_(encoder.norm.weight, 1.0, 0.5)
+    torch.nn.init.normal_(encoder.norm.bias, 0.0, 1.0)
+    save_encoder(encoder, tmp_path / "encoder.safetensors", variant=MICRO, mean=[0.34], std=[0.22])
+    both, lone, init = tmp_path / "both", tmp_path / "lone", str(tmp_path / "encoder.safetensors")
+    assert cli_main(["evaluate", init, *SYNTH, "readouts=tokens", "data.val_size=8", f"output_dir={both}"]) == 0
+    assert cli_main(["knn", init, *SYNTH[:5], "global_pool=tokens", "data.val_size=8", f"output_dir={lone}"]) == 0
+    protocols = json.loads((both / "results.json").read_text())["protocols"]
+    assert set(protocols) == {"knn", "probe", "knn_tokens", "probe_tokens"}
+    alone = json.loads((lone / "results.json").read_text())["protocols"]["knn"]
+    assert protocols["knn_tokens"]["confusion"] == alone["confusion"]
+    assert protocols["knn_tokens"]["val_top1"] == alone["val_top1"]
+    with pytest.raises(ConfigError, match="readouts"):
+        build_config(EvaluateConfig, None, [*RANDOM, "readouts=tokens,max"])

@@ -11,12 +11,16 @@ STAMP := $(VENV)/.mpp-installed
 
 setup: $(STAMP) data
 
+# pip's output goes to a log, so `make demo` shows mpp's own lines; on a failure its tail and the log's path are shown.
+SETUP_LOG := $(VENV)/setup.log
+
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev,viz]'
-	touch $(STAMP)
+	@echo "setting up $(VENV) (torch, mpp and its dependencies; pip output in $(SETUP_LOG))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@{ $(BIN)/python -m pip install --upgrade pip && $(BIN)/python -m pip install $(TORCH_SPEC) && \
+	  $(BIN)/python -m pip install -e '.[dev,viz]'; } > $(SETUP_LOG) 2>&1 || \
+	  { tail -n 20 $(SETUP_LOG); echo "setup failed: pip's whole output is in $(SETUP_LOG)"; exit 1; }
+	@touch $(STAMP)
 
 # Real Fashion-MNIST from Debian's package, only when root on Debian and the files are missing; elsewhere
 # mpp downloads it with torchvision at first use.

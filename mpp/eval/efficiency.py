@@ -31,10 +31,10 @@ from PIL import Image, ImageDraw
 from mpp.config import BUDGET_ALL, ConfigError, EvaluateConfig, to_dict
 from mpp.eval.baselines import cnn_budget, pixel_budget
 from mpp.eval.features import FeatureCache
-from mpp.eval.report import _font, _text_size
 from mpp.eval.session import Session
 from mpp.models.registry import MODEL_CONFIGS
 from mpp.runtime import atomic_write_json, atomic_write_text, check_output_dir, write_config
+from mpp.viz.text import pil_font, text_size
 
 RunBudget = Callable[[Session, EvaluateConfig, Path, FeatureCache, str | None], Path]
 
@@ -462,7 +462,7 @@ def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560)
     s = 2  # drawn at twice the size, then scaled down: PIL draws lines without anti-aliasing
     img = Image.new("RGB", (width * s, height * s), "white")
     draw = ImageDraw.Draw(img)
-    title_font, font, small = _font(18 * s), _font(14 * s), _font(12 * s)
+    title_font, font, small = pil_font(18 * s), pil_font(14 * s), pil_font(12 * s)
     left, right, top, bottom = 76 * s, (width - 230) * s, 52 * s, (height - 66) * s
     ticks = _x_ticks(report)
     lines_drawn = [
@@ -493,12 +493,12 @@ def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560)
     step = 10 if y1 - y0 > 30 else 5
     for y in range(int(y0), int(y1) + 1, step):
         draw.line([(left, py(y)), (right, py(y))], fill=GRID, width=s)
-        tw, th = _text_size(draw, str(y), small)
+        tw, th = text_size(draw, str(y), small)
         draw.text((left - tw - 8 * s, py(y) - th / 2 - 2 * s), str(y), fill="black", font=small)
     last_label_end = -math.inf
     for x, label in ticks:
         draw.line([(px(x), top), (px(x), bottom)], fill=GRID, width=s)
-        tw, _ = _text_size(draw, label, small)
+        tw, _ = text_size(draw, label, small)
         if px(x) - tw / 2 > last_label_end + 4 * s:  # budgets too close on the axis: keep the first label
             draw.text((px(x) - tw / 2, bottom + 8 * s), label, fill="black", font=small)
             last_label_end = px(x) + tw / 2
@@ -524,10 +524,10 @@ def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560)
     title = f"Data efficiency: {report['variant']} on {report['dataset']}"
     draw.text((left, 14 * s), title, fill="black", font=title_font)
     xlabel = "labels per class (log scale)"
-    tw, _ = _text_size(draw, xlabel, font)
+    tw, _ = text_size(draw, xlabel, font)
     draw.text(((left + right) / 2 - tw / 2, bottom + 32 * s), xlabel, fill="black", font=font)
     ylabel = "top-1 accuracy (%)"
-    tw, th = _text_size(draw, ylabel, font)
+    tw, th = text_size(draw, ylabel, font)
     side = Image.new("RGB", (tw + 8 * s, th + 10 * s), "white")
     ImageDraw.Draw(side).text((4 * s, 2 * s), ylabel, fill="black", font=font)
     turned = side.rotate(90, expand=True)

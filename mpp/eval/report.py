@@ -10,20 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from mpp.runtime import atomic_write_json, atomic_write_text
+from mpp.viz.text import pil_font, text_size
 
 # Beyond these many classes the numbers / names would not fit in a readable picture.
 MAX_CLASSES_WITH_COUNTS = 25
 MAX_CLASSES_WITH_NAMES = 60
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: only the fixed bitmap font
-        return ImageFont.load_default()
 
 
 def _shade(fraction: float) -> tuple[int, int, int]:
@@ -32,19 +26,14 @@ def _shade(fraction: float) -> tuple[int, int, int]:
     return tuple(round(lo + (hi - lo) * fraction) for lo, hi in zip(low, high, strict=True))  # type: ignore[return-value]
 
 
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
 def draw_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str = "") -> Image.Image:
     """A confusion-matrix heat map: rows = true class, columns = predicted, shade = row-normalised fraction."""
     n = len(class_names)
     cell = 56 if n <= 12 else 36 if n <= MAX_CLASSES_WITH_COUNTS else max(4, 1200 // max(n, 1))
     show_names = n <= MAX_CLASSES_WITH_NAMES
-    font, small = _font(14), _font(11 if n <= 12 else 9)
+    font, small = pil_font(14), pil_font(11 if n <= 12 else 9)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    name_w = max((_text_size(probe, s, font)[0] for s in class_names), default=0) + 12 if show_names else 12
+    name_w = max((text_size(probe, s, font)[0] for s in class_names), default=0) + 12 if show_names else 12
     title_h, axis_h = 30, 24
     left, top = name_w + axis_h, title_h + axis_h + name_w
     width, height = left + n * cell + 16, top + n * cell + 16
@@ -64,7 +53,7 @@ def draw_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=_shade(frac), outline=(200, 200, 200))
             if n <= MAX_CLASSES_WITH_COUNTS and count:
                 text = str(count)
-                tw, th = _text_size(draw, text, small)
+                tw, th = text_size(draw, text, small)
                 colour = "white" if frac > 0.5 else "black"
                 draw.text((x0 + (cell - tw) / 2, y0 + (cell - th) / 2 - 2), text, fill=colour, font=small)
         if r < n:
@@ -74,7 +63,7 @@ def draw_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
             )
     if show_names:
         for i, name in enumerate(class_names):
-            tw, th = _text_size(draw, name, font)
+            tw, th = text_size(draw, name, font)
             draw.text((left - tw - 6, top + i * cell + (cell - th) / 2 - 2), name, fill="black", font=font)
             label = Image.new("RGB", (tw + 8, th + 8), "white")
             ImageDraw.Draw(label).text((2, 0), name, fill="black", font=font)

@@ -7,10 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
 from mpp.masking import unpatchify
 from mpp.models.mae import MaskedAutoencoder
+from mpp.viz.text import pil_font, text_size
+
+# The rows of :func:`reconstruction_rows`, named on the saved picture.
+ROW_NAMES = ("original", "masked", "reconstruction", "visible pasted")
+GRID_PADDING = 2
 
 
 @dataclass
@@ -115,11 +121,30 @@ def save_reconstruction_grid(
     noise: torch.Tensor | None = None,
     scale: int = 4,
 ) -> Path:
-    """Write a PNG of :func:`reconstruction_rows`; small images are upscaled ``scale`` times for legibility."""
+    """Write a PNG of :func:`reconstruction_rows` with each row named; small images are upscaled ``scale`` times."""
     rows = reconstruction_rows(model, imgs, mean, std, noise)
     if scale > 1:
         rows = torch.nn.functional.interpolate(rows, scale_factor=scale, mode="nearest")
+    grid = make_grid(rows, nrow=imgs.shape[0], padding=GRID_PADDING, pad_value=1.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(rows, nrow=imgs.shape[0], padding=2, pad_value=1.0), path)
+    with_row_names(grid, ROW_NAMES, rows.shape[-2]).save(path)
     return path
+
+
+def with_row_names(grid: torch.Tensor, names: Sequence[str], cell_height: int) -> Image.Image:
+    """The ``make_grid`` picture ``grid`` (``[C, H, W]`` in ``[0, 1]``) with ``names[i]`` left of row ``i``."""
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    picture = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).convert("RGB")
+    size = max(10, min(16, cell_height // 3))  # readable beside 28-px cells upscaled 4x and beside 224-px ones
+    font = pil_font(size)
+    draw = ImageDraw.Draw(picture)
+    margin = max(text_size(draw, name, font)[0] for name in names) + 14
+    out = Image.new("RGB", (picture.width + margin, picture.height), "white")
+    out.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for i, name in enumerate(names):
+        _, height = text_size(draw, name, font)
+        centre = GRID_PADDING + i * (cell_height + GRID_PADDING) + cell_height // 2
+        draw.text((4, centre - height // 2), name, fill=(0, 0, 0), font=font)
+    return out

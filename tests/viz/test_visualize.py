@@ -7,6 +7,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -228,3 +229,16 @@ def test_visualize_defaults_to_the_runs_held_out_data(tmp_path):
     )
     assert "3 images of the run's data (synthetic, split 'val'" in html.unescape((out / "index.html").read_text())
     _page(out)
+
+
+def test_reconstruction_grid_names_its_rows():
+    from mpp.viz.reconstruction import GRID_PADDING, ROW_NAMES, with_row_names
+
+    cell = 112  # a 28-px image upscaled 4x
+    grid = torch.ones(3, GRID_PADDING + 4 * (cell + GRID_PADDING), GRID_PADDING + 2 * (cell + GRID_PADDING))
+    picture = np.asarray(with_row_names(grid, ROW_NAMES, cell).convert("L"))
+    margin = picture.shape[1] - grid.shape[2]
+    assert margin > 0 and (picture[:, margin:] == 255).all()  # the grid itself is untouched
+    for i in range(4):  # text in the margin beside every row, and only there
+        band = picture[GRID_PADDING + i * (cell + GRID_PADDING) :][:cell, :margin]
+        assert (band < 128).any()

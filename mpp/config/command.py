@@ -57,5 +57,8 @@ def command_main(
     prog: str, cls: type, description: str, run: Callable[[Any], Any], argv: list[str] | None, takes_init: bool = True
 ) -> int:
     """Parse, build the config, run; bad input is a one-line error (exit 2), a diverging loss exit 3."""
+    from mpp.train.lock import locks_released_after
+
     args = parse_command_line(prog, description, argv, takes_init)
-    return run_command(prog, lambda: resolve_command_config(cls, args), run, args.print_config)
+    with locks_released_after():  # the run directory's lock, however the command ends
+        return run_command(prog, lambda: resolve_command_config(cls, args), run, args.print_config)

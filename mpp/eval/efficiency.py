@@ -229,6 +229,7 @@ def sweep(session: Session, run_budget: RunBudget) -> Path:
     check_budgets(session)
     roles = contenders(session, run_budget)  # fails early, like the budgets, when the baseline cannot be built
     out = check_output_dir(session.run_dir)
+    session.lock()
     if session.main:
         write_config(out / "config.yaml", to_dict(config))
     encoders: dict[str, dict[str, Any]] = {}

@@ -30,6 +30,7 @@ from mpp.eval.report import write_results
 from mpp.models.vit import ViTEncoder
 from mpp.runtime import check_output_dir, make_accelerator, write_config
 from mpp.train.checkpoint import Checkpoint, check_resumable, resume_state
+from mpp.train.lock import RunDirLock
 
 RESUME_FREE_KEYS = {"output_dir", "progress", "init"}  # init: a moved pretraining run is the same encoder
 
@@ -64,6 +65,7 @@ class Session:
         self.mean, self.std, self.accelerator, self.run_dir = mean, std, accelerator, run_dir
         self.say = accelerator.print
         self._opened_rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        self._lock: RunDirLock | None = None
 
     @classmethod
     def open(
@@ -110,7 +112,17 @@ class Session:
             session.say(warning)
         session._opened_rng = opened_rng
         session.reseed()  # making the accelerator and the run directory leaves the heads built next untouched
+        if create_run_dir:
+            session.lock()
         return session
+
+    def lock(self) -> None:
+        """Hold ``RUN/.lock`` for the command's life (:mod:`mpp.train.lock`).
+
+        A second run into the same directory while this one lives stops at once, before writing anything, instead of
+        interleaving its files with ours. ``command_main`` lets go of it however the command ends.
+        """
+        self._lock = RunDirLock(self.run_dir, self.say).acquire()
 
     def reseed(self) -> None:
         """Put the random generators back where opening the encoder left them (heads built next are the seed's)."""
@@ -203,9 +215,11 @@ class Session:
         return encoder.eval()
 
     def finish(self) -> None:
-        """Wait for every process and close the trackers."""
+        """Wait for every process, close the trackers and let go of the run directory."""
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if self._lock is not None:
+            self._lock.release()
 
 
 def held_out_warning(config: StageConfig, meta: dict[str, Any]) -> str | None:

@@ -17,13 +17,15 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 from mpp.runtime import ConfigError
 
 LOCK = ".lock"
+_HELD: set[RunDirLock] = set()  # taken by this process and not yet let go: locks_released_after() ends a command's
 
 
 class RunDirLock:
@@ -60,6 +62,7 @@ class RunDirLock:
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%F %T")}))
         handle.flush()
         self.handle = handle
+        _HELD.add(self)
         return self
 
     def release(self) -> None:
@@ -71,9 +74,25 @@ class RunDirLock:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
+        _HELD.discard(self)
 
     def __enter__(self) -> RunDirLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextmanager
+def locks_released_after() -> Iterator[None]:
+    """Let go of every lock taken inside the block when it ends, whether it returned or raised (a command's run).
+
+    The kernel would drop them at process exit anyway; a command run in-process (tests, notebooks) must not leave its
+    run directory locked against the next command into it.
+    """
+    before = set(_HELD)
+    try:
+        yield
+    finally:
+        for lock in list(_HELD - before):
+            lock.release()

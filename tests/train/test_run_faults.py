@@ -62,6 +62,22 @@ def test_a_second_run_into_a_live_run_directory_stops_and_a_dead_runs_lock_is_ta
     assert notes and "took over the lock of a run that is gone" in notes[0]
 
 
+def test_an_evaluation_into_a_live_run_directory_stops_and_lets_go_when_done(tmp_path, capsys):
+    from mpp.cli import main as cli_main
+
+    run = tmp_path / "knn"
+    run.mkdir()
+    knn = ["knn", "init=random", "model=mae_vit_micro_patch4", "data.source=synthetic", "data.synthetic_size=32",
+           "data.num_workers=0", "progress=false", f"output_dir={run}"]  # fmt: skip
+    first = RunDirLock(run).acquire()
+    assert cli_main(knn) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is in use by another run" in err[0] and not (run / "results.json").exists()
+    first.release()
+    assert cli_main(knn) == 0 and (run / "results.json").exists()
+    RunDirLock(run).acquire().release()  # the finished command let go of the directory
+
+
 def test_resuming_on_another_process_count_is_refused_in_one_line(tmp_path):
     (tmp_path / "config.yaml").write_text("_run:\n  world_size: 2\n")
     config = tiny_config(tmp_path)

@@ -45,6 +45,8 @@ PROTOCOL_NAMES = {
     "logistic": "logistic regression",
     "finetune": "fine-tune",
     "finetune_ema": "fine-tune (EMA)",
+    "finetune_semi": "semi-supervised fine-tune",
+    "finetune_semi_ema": "semi-supervised fine-tune (EMA)",
 }
 
 

@@ -24,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from mpp.config import EvaluateConfig
 from mpp.config.command import command_main
 from mpp.eval.efficiency import sweep
 from mpp.eval.features import FeatureCache, split_features
-from mpp.eval.finetune import finetune, finetune_augmentation
+from mpp.eval.finetune import finetune_augmentation, finetune_or_semi
 from mpp.eval.knn import knn_protocol
 from mpp.eval.probe import cached_probe, full_probe, probe_classifier, probe_transform
 from mpp.eval.session import Session, build_splits
@@ -112,8 +113,14 @@ def _finetune(session: Session, config: EvaluateConfig, out: Path) -> dict[str, 
     classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool or "avg", FINETUNE_HEAD_STD)
     out.mkdir(parents=True, exist_ok=True)
     session.say("  fine-tuning:")
-    entries, _ = finetune(config, classifier, splits, session.accelerator, out, session.say)  # type: ignore[arg-type]
-    return entries
+    entries, _ = finetune_or_semi(config, session, splits, classifier, out)  # type: ignore[arg-type]
+    if not f.semi.enabled:
+        return entries
+    # Semi-supervised: its own column; self-training's round 0 is the labels-only fine-tune, shown beside it.
+    semi = {name.replace("finetune", "finetune_semi", 1): entry for name, entry in entries.items()}
+    round_zero = out / "round_0" / "round.json"
+    labels_only = json.loads(round_zero.read_text())["entries"] if round_zero.is_file() else {}
+    return labels_only | semi
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,17 +198,7 @@ def run(config: FinetuneConfig) -> Path:
     say(f"mpp finetune: {session.describe(classifier.global_pool)} from {config.init}, {params:.2f}M trainable")
     say(f"{session.data_line(splits)}, on {session.accelerator.device}")
     session.save_config(splits, trackers=True)
-    if f.semi.enabled and f.semi.method == "selftrain":  # rounds, each from a fresh encoder, in RUN/round_<r>
-        from mpp.eval.semi import self_train
-
-        entries, trained = self_train(config, session, splits, finetune)
-    elif f.semi.enabled:  # fixmatch: unlabeled images in every step
-        from mpp.eval.semi import FixMatch
-
-        semi = FixMatch.of(config, session, splits)
-        entries, trained = finetune(config, classifier, splits, session.accelerator, session.run_dir, say, found, semi)
-    else:
-        entries, trained = finetune(config, classifier, splits, session.accelerator, session.run_dir, say, found)
+    entries, trained = finetune_or_semi(config, session, splits, classifier, session.run_dir, found)
     if written := session.write_results(splits, classifier.global_pool, entries):
         if f.save_model:
             facts = {"mean": session.mean, "std": session.std, "classes": splits.classes, "init": config.init}
@@ -217,6 +207,32 @@ def run(config: FinetuneConfig) -> Path:
             say(f"  {name}: top-1 {entry['top1']:.2f}%, top-5 {entry['top5']:.2f}% -> {written}")
     session.finish()
     return session.run_dir
+
+
+def finetune_or_semi(
+    config: FinetuneConfig,
+    session: Session,
+    splits: Splits,
+    classifier: ViTClassifier,
+    run_dir: Path,
+    found: Checkpoint | None = None,
+) -> tuple[dict[str, dict[str, Any]], ViTClassifier]:
+    """The fine-tune ``config.finetune`` asks for: with labels only, or semi-supervised (``finetune.semi``).
+
+    ``mpp finetune`` and ``mpp evaluate --finetune`` both train through here, so the same keys do the same thing in
+    both. Returns the result entries (``finetune`` and, with an EMA, ``finetune_ema``) and the trained classifier.
+    """
+    semi, say = config.finetune.semi, session.say
+    if semi.enabled and semi.method == "selftrain":  # rounds, each from a fresh encoder, in run_dir/round_<r>
+        from mpp.eval.semi import self_train
+
+        return self_train(config, session, splits, finetune, run_dir)
+    if semi.enabled:  # fixmatch: unlabeled images in every step
+        from mpp.eval.semi import FixMatch
+
+        term = FixMatch.of(config, session, splits)
+        return finetune(config, classifier, splits, session.accelerator, run_dir, say, found, term)
+    return finetune(config, classifier, splits, session.accelerator, run_dir, say, found)
 
 
 def finetune_augmentation(encoder: ViTEncoder, mean: list[float], std: list[float], f: FinetuneSettings) -> Any:

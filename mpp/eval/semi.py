@@ -134,9 +134,15 @@ def self_train(
     session: Session,
     splits: Splits,
     finetune: Callable[..., tuple[dict[str, dict[str, Any]], ViTClassifier]],
+    run_dir: Path | None = None,
 ) -> tuple[dict[str, dict[str, Any]], ViTClassifier]:
-    """The rounds; ``finetune`` is :func:`mpp.eval.finetune.finetune`. Returns the chosen round's entries and model."""
+    """The rounds; ``finetune`` is :func:`mpp.eval.finetune.finetune`. Returns the chosen round's entries and model.
+
+    ``run_dir`` (default the session's) holds ``round_<r>/`` and ``pseudo_labels.jsonl``: a sweep gives each budget its
+    own.
+    """
     semi, say = config.finetune.semi, session.say
+    run_dir = run_dir or session.run_dir
     pool = unlabeled_pool(splits, semi.pool_limit, config.seed)
     train_base = splits.train.dataset  # type: ignore[attr-defined]
     plain = session.splits(config=config)  # the same split with the evaluation transform: what the teacher sees
@@ -149,7 +155,7 @@ def self_train(
     best: tuple[float, int, dict[str, dict[str, Any]], ViTClassifier] | None = None
     labelled: Dataset = splits.train
     for r in range(semi.rounds + 1):
-        round_dir = session.run_dir / f"round_{r}"
+        round_dir = run_dir / f"round_{r}"
         entries, model = run_round(config, session, Splits(labelled, splits.test, splits.classes, splits.label_info,
                                                             splits.val), round_dir, finetune)  # fmt: skip
         entry = entries["finetune"]
@@ -167,7 +173,7 @@ def self_train(
         record = pseudo_record(r + 1, rows, labels, truth, splits.num_classes, len(pool))
         records.append(record)
         if session.main:  # the whole log again: a resumed run labels its rounds again, identically
-            atomic_write_text(session.run_dir / "pseudo_labels.jsonl", "".join(json.dumps(x) + "\n" for x in records))
+            atomic_write_text(run_dir / "pseudo_labels.jsonl", "".join(json.dumps(x) + "\n" for x in records))
         say(
             f"  round {r + 1}: {record['kept']} pseudo-labels kept (threshold {semi.threshold:g}, at most {per_class} "
             f"per class)" + (f", {record['accuracy']:.2f}% right (log only)" if "accuracy" in record else "")

@@ -244,3 +244,17 @@ def test_extra_readout_is_the_same_as_a_lone_run_of_it(tmp_path):
     assert protocols["knn_tokens"]["val_top1"] == alone["val_top1"]
     with pytest.raises(ConfigError, match="readouts"):
         build_config(EvaluateConfig, None, [*RANDOM, "readouts=tokens,max"])
+
+
+def test_semi_supervised_fine_tune_is_a_column_beside_labels_only(tmp_path, encoder_run):
+    out = tmp_path / "semi"
+    args = ["evaluate", str(encoder_run), *SYNTH, "budgets=2", "run_finetune=true", "finetune.semi.enabled=true",
+            "finetune.semi.rounds=1", "finetune.semi.threshold=0.0", "compare_random=false", "data.val_size=8",
+            f"output_dir={out}"]  # fmt: skip
+    assert cli_main(args) == 0
+    run = out / "mae" / "2_per_class"
+    protocols = json.loads((run / "results.json").read_text())["protocols"]
+    assert {"finetune", "finetune_semi"} <= set(protocols)  # round 0 (labels only) beside the chosen round
+    assert protocols["finetune_semi"]["semi"]["method"] == "selftrain" and "semi" not in protocols["finetune"]
+    assert (run / "finetune" / "round_1").is_dir() and not (out / "round_0").exists()  # rounds live in the budget's dir
+    assert "| MAE fine-tune | MAE semi-supervised fine-tune |" in (out / "efficiency.md").read_text()

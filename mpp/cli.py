@@ -9,6 +9,7 @@ COMMANDS = {  # name: (module with main(argv), help)
     "pretrain": ("mpp.train.pretrain", "MAE pretraining on a dataset or folder (CPU, one or many GPUs); resumable"),
     "shard": ("mpp.data.shards", "pack an image folder into tar shards + index (starts in seconds at any size)"),
     "convert": ("mpp.formats.convert", "convert weights between mpp, official MAE, timm and Hugging Face formats"),
+    "push": ("mpp.formats.hub", "upload an exported folder (weights + model card) to the Hugging Face Hub"),
     "knn": ("mpp.eval.knn", "weighted cosine kNN accuracy of a frozen encoder (optionally with few labels)"),
     "probe": (
         "mpp.eval.probe",

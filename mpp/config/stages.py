@@ -39,7 +39,8 @@ class EvalDataConfig(SourceConfig):
 class StageConfig:
     """What every evaluation stage shares: the encoder, the label budget, the data, the run."""
 
-    init: str | None = None  # run dir, encoder.safetensors, checkpoint, or "random"
+    init: str | None = None  # run dir, encoder.safetensors, checkpoint, hf://owner/name[@rev], or "random"
+    hub_pickles: bool = False  # hf:// init: also fetch pickled weights (.pth/.bin); default safetensors only
     model: str | None = None  # registry variant for init=random
     stem: str | None = None  # init=random: the patch stem (linear or conv); None: the variant's (linear)
     global_pool: str | None = None  # token | avg | tokens (every patch token, flattened); None: the encoder's own

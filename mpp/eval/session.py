@@ -27,6 +27,7 @@ from mpp.data.transforms import eval_transform
 from mpp.eval.encoders import load_init
 from mpp.eval.labels import LabelBudgetError, label_subset
 from mpp.eval.report import write_results
+from mpp.formats.hub import resolve_init
 from mpp.models.vit import ViTEncoder
 from mpp.runtime import check_output_dir, make_accelerator, write_config
 from mpp.train.checkpoint import Checkpoint, check_resumable, resume_state
@@ -245,7 +246,9 @@ def open_encoder(config: StageConfig, drop_path_rate: float = 0.0) -> tuple[ViTE
     # Seeded first: a random-init encoder and the heads built after it are the same in every run with this seed.
     set_seed(config.seed)
     overrides = {"stem": config.stem} if config.init == "random" and config.stem else {}
-    return load_init(config.init, config.model, drop_path_rate=drop_path_rate, **overrides)
+    init = resolve_init(config.init, config.hub_pickles)  # hf://owner/name: fetched into the Hub's cache
+    encoder, meta = load_init(init, config.model, drop_path_rate=drop_path_rate, **overrides)
+    return encoder, {**meta, "init": config.init}
 
 
 def move_to_grid(encoder: ViTEncoder, config: StageConfig) -> None:

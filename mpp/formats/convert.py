@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from mpp.formats.card import is_pretraining_run, model_card
 from mpp.formats.detect import FORMATS
 from mpp.formats.export import TARGETS, export_model
 from mpp.formats.load import load_checkpoint
@@ -41,6 +42,10 @@ examples:
   mpp convert mae_pretrain_vit_base_full.pth out/ --to mpp --norm-pix-loss
   mpp convert out/encoder.safetensors timm_out/ --to timm
   mpp convert vit-mae-base/ out/ --to mpp
+  mpp convert runs/fm hub/ --to hf          # from a pretraining run: also hub/README.md, a model card
+
+From a pretraining run directory the export comes with a model card (README.md: settings, the run's evaluation
+results, a reconstruction picture, how to load it); `mpp push DIR OWNER/NAME` uploads such a folder to the Hub.
 """
 
 
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--mean and --std must be given together, with one value per channel each")
             metadata.update(mean=args.mean, std=args.std)
         written = export_model(model, args.dst, args.to, metadata, pth=args.pth)
+        if is_pretraining_run(args.src) and not Path(args.dst).suffix:  # a folder to share: say what is in it
+            written.append(model_card(args.src, args.dst, args.to))
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"mpp convert: error: {err}", file=sys.stderr)
         return 2  # bad input, as every other command

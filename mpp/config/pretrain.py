@@ -111,6 +111,8 @@ class PretrainConfig:
     stop_at_step: int | None = None
     viz_samples: int = 8
     progress: bool = True
+    # Experiment trackers, any of accelerate's (tensorboard, wandb, mlflow, aim, ...); none: metrics.jsonl only
+    trackers: list[str] | str = field(default_factory=lambda: ["tensorboard"])
 
     def check(self) -> None:
         """Raise :class:`ConfigError` on the first impossible value."""
@@ -179,6 +181,9 @@ def model_overrides(model: ModelConfig) -> dict[str, Any]:
 
 def check_pretrain(config: PretrainConfig) -> None:
     """Every impossible value of a pretraining config."""
+    from mpp.train.trackers import check_trackers, parse_trackers
+
+    check_trackers(parse_trackers(config.trackers))
     validate_model(config.model)
     d = config.data
     check_source(d)

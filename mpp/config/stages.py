@@ -56,6 +56,8 @@ class StageConfig:
     cpu: bool = False
     mixed_precision: str = "auto"
     progress: bool = True
+    # probe and finetune (the stages that train): experiment trackers, any of accelerate's; none: metrics.jsonl only
+    trackers: list[str] | str = field(default_factory=lambda: ["tensorboard"])
 
     def check(self) -> None:
         """Raise :class:`ConfigError` on the first impossible value."""
@@ -258,6 +260,9 @@ def check_stage(config: StageConfig) -> None:
     """Every impossible value of an evaluation config (one-line :class:`ConfigError` naming the key)."""
     from mpp.models.classifier import CLASSIFIER_POOLS
     from mpp.models.registry import MODEL_CONFIGS
+    from mpp.train.trackers import check_trackers, parse_trackers
+
+    check_trackers(parse_trackers(config.trackers))
 
     check(
         bool(config.init),

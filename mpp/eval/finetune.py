@@ -188,7 +188,7 @@ def finetune(
 def run(config: FinetuneConfig) -> Path:
     """Fine-tune the configured encoder and write results (and the model); returns the run directory."""
     f = config.finetune
-    session = Session.open(config, "finetune", trainable=True, drop_path_rate=f.drop_path_rate, tensorboard=True)
+    session = Session.open(config, "finetune", trainable=True, drop_path_rate=f.drop_path_rate, track=True)
     splits = session.splits(finetune_augmentation(session.encoder, session.mean, session.std, f))
     # The paper fine-tunes with average pooling + fc_norm; global_pool=token keeps the cls token instead.
     classifier = ViTClassifier(session.encoder, splits.num_classes, config.global_pool or "avg", FINETUNE_HEAD_STD)

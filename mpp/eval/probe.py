@@ -291,7 +291,7 @@ def full_probe(
 def run(config: ProbeConfig) -> Path:
     """Probe the configured encoder and write results; returns the run directory."""
     s = config.probe
-    session = Session.open(config, "probe", tensorboard=True)
+    session = Session.open(config, "probe", track=True)
     splits = session.splits(probe_transform(session) if s.mode == "full" else None)
     classifier = probe_classifier(session, splits)
     say = session.say

@@ -32,6 +32,7 @@ from mpp.models.vit import ViTEncoder
 from mpp.runtime import check_output_dir, make_accelerator, write_config
 from mpp.train.checkpoint import Checkpoint, check_resumable, resume_state
 from mpp.train.lock import RunDirLock
+from mpp.train.trackers import flat_hparams, log_picture, make_trackers, parse_trackers, start_trackers
 
 RESUME_FREE_KEYS = {"output_dir", "progress", "init"}  # init: a moved pretraining run is the same encoder
 
@@ -76,7 +77,7 @@ class Session:
         *,
         trainable: bool = False,
         drop_path_rate: float = 0.0,
-        tensorboard: bool = False,
+        track: bool = False,
         run_dir: Path | None = None,
         create_run_dir: bool = True,
     ) -> Session:
@@ -88,7 +89,7 @@ class Session:
             trainable: fine-tuning: a learnable position table resized to the grid (:func:`make_trainable_grid`);
                 otherwise the frozen protocols' grid (:func:`move_to_grid`).
             drop_path_rate: stochastic depth of the encoder (fine-tuning; frozen protocols keep 0).
-            tensorboard: log to TensorBoard in the run directory.
+            track: send training curves and pictures to ``config.trackers`` (the stages that train).
             run_dir: where to write; default ``output_dir`` or :func:`default_output_dir`.
             create_run_dir: make it now; the efficiency sweep makes it only once its checks have passed.
         """
@@ -102,12 +103,10 @@ class Session:
         run_dir = run_dir or run_dir_of(config, stage)
         if create_run_dir:
             check_output_dir(run_dir)
-        if tensorboard:
-            accelerator = make_accelerator(
-                config.mixed_precision, config.cpu, log_with="tensorboard", project_dir=str(run_dir)
-            )
-        else:
-            accelerator = make_accelerator(config.mixed_precision, config.cpu)
+        trackers = make_trackers(parse_trackers(config.trackers), run_dir) if track else []
+        accelerator = make_accelerator(
+            config.mixed_precision, config.cpu, log_with=trackers or None, project_dir=str(run_dir)
+        )
         session = cls(config, stage, encoder, meta, mean, std, accelerator, run_dir)
         if warning := held_out_warning(config, meta):
             session.say(warning)
@@ -176,13 +175,14 @@ class Session:
     ) -> None:
         """config.yaml (resolved config, provenance, normalisation, label budget) on the main process.
 
-        With ``trackers`` TensorBoard starts too. ``run_dir`` / ``config``: another budget's (the efficiency sweep).
+        With ``trackers`` the configured trackers start too (a session opened with ``track``). ``run_dir`` /
+        ``config``: another budget's (the efficiency sweep).
         """
         if self.main:
             where = (run_dir or self.run_dir) / "config.yaml"
             write_config(where, to_dict(config or self.config), mean=self.mean, std=self.std, **splits.label_info)
             if trackers:
-                self.accelerator.init_trackers("tensorboard")
+                start_trackers(self.accelerator, self.run_dir, flat_hparams(to_dict(config or self.config)))
 
     def write_results(
         self, splits: Splits, pool: str, protocols: dict[str, Any], run_dir: Path | None = None, **extra: Any
@@ -193,8 +193,12 @@ class Session:
         results = results_header(self.config, self.encoder, self.meta, pool, splits)
         results["protocols"] = protocols
         results.update(extra)
-        write_results(run_dir or self.run_dir, results, splits.classes)
-        return (run_dir or self.run_dir) / "results.json"
+        where = run_dir or self.run_dir
+        write_results(where, results, splits.classes)
+        for name in protocols:  # the confusion matrices, to the trackers that take pictures
+            if (picture := where / f"confusion_{name}.png").is_file():
+                log_picture(self.accelerator, f"{self.stage}/confusion_{name}", picture)
+        return where / "results.json"
 
     def fresh_encoder(self, drop_path_rate: float) -> ViTEncoder:
         """A new copy of the encoder as it was opened, for fine-tuning (drop path; learnable, resized position table).

@@ -140,7 +140,7 @@ class Throughput:
 
 # ------------------------------------------------------------------------------------------------ logging
 class RunLog:
-    """One metrics.jsonl schema for every stage, plus TensorBoard when the accelerator has its tracker.
+    """One metrics.jsonl schema for every stage, plus the accelerator's trackers (TensorBoard, W&B, MLflow, ...).
 
     Training records: ``{"step", "epoch", "loss", "lr", "images_per_s", "stage"}``; other records (the pretraining
     monitor) carry their own fields and ``stage``. Only the main process writes; the file is appended to, so a
@@ -153,15 +153,15 @@ class RunLog:
         self.file = None
         if run_dir is not None and accelerator.is_main_process:
             self.file = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        self.tensorboard = bool(getattr(accelerator, "trackers", None))
+        self.tracked = bool(getattr(accelerator, "trackers", None))
 
     def write(self, record: dict[str, Any], step: int) -> None:
-        """Append one record (``stage`` added) and send its numbers to TensorBoard under ``<stage>/``."""
+        """Append one record (``stage`` added) and send its numbers to the trackers under ``<stage>/``."""
         record = {**record, "stage": record.get("stage", self.stage)}
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        if self.tensorboard:
+        if self.tracked:
             numbers = {
                 f"{record['stage']}/{k}": v
                 for k, v in record.items()

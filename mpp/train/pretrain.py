@@ -48,6 +48,7 @@ from mpp.train.fsdp import PlainCopy, load_sharded, save_sharded, shard_model
 from mpp.train.lock import LOCK, RunDirLock
 from mpp.train.monitor import KnnMonitor, MonitorRun, previous_random_reading
 from mpp.train.optim import Schedule, plan_schedule, pretrain_optimizer
+from mpp.train.trackers import flat_hparams, log_picture, make_trackers, parse_trackers, start_trackers
 from mpp.viz.reconstruction import save_reconstruction_grid
 
 # Settings that may differ between a run and its resumption without changing the result.
@@ -246,7 +247,8 @@ def train(config: PretrainConfig, started: float) -> Path:
     head = max(config.monitor.samples if config.monitor.enabled else 0, config.viz_samples, 1)
     data = build_pretrain_data(config.data, config.seed, model, head)
     precision, precision_note = run_precision(config, model, data, run_dir, found)
-    accelerator = make_accelerator(precision, config.cpu, log_with="tensorboard", project_dir=str(run_dir))
+    trackers = make_trackers(parse_trackers(config.trackers), run_dir)
+    accelerator = make_accelerator(precision, config.cpu, log_with=trackers or None, project_dir=str(run_dir))
     say, main = accelerator.print, accelerator.is_main_process
     if found is not None:
         check_same_world(run_dir, accelerator.num_processes, config)
@@ -263,8 +265,7 @@ def train(config: PretrainConfig, started: float) -> Path:
 
     model, optimizer, state, view, sharded = start_model(config, model, accelerator, found, schedule.lr)
     raw: MaskedAutoencoder = accelerator.unwrap_model(model)  # sharded: its attributes only, no forward on one rank
-    if main:
-        accelerator.init_trackers("tensorboard", config=_flat_hparams(to_dict(config)))
+    start_trackers(accelerator, run_dir, flat_hparams(to_dict(config)))
     log = RunLog(accelerator, run_dir, "pretrain")
     pictures = ReconPictures.of(run_dir, data, raw, config.viz_samples, config.seed)
     watch = monitor_run(config, data, raw, run_dir, resumed=found is not None, main=main, say=say)
@@ -316,6 +317,7 @@ def train(config: PretrainConfig, started: float) -> Path:
         shown = view.sync()
         if main:
             export_weights(run_dir, shown, config, data, state, pictures, say, accelerator.device)
+            log_picture(accelerator, "pretrain/reconstruction", run_dir / "recon" / "final.png", state.step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
@@ -446,7 +448,8 @@ def epoch_end_hook(
         if accelerator.is_main_process:
             ended = state.batch_in_epoch == 0
             if not ended or checkpointer.due(state.epoch, schedule):  # a stopped run's picture shows where it stopped
-                pictures.draw(shown, f"epoch_{state.epoch:03d}.png", accelerator.device)
+                drawn = pictures.draw(shown, f"epoch_{state.epoch:03d}.png", accelerator.device)
+                log_picture(accelerator, "pretrain/reconstruction", drawn, state.step)
             if ended and watch.due(state.epoch):
                 watch.read(shown, accelerator, state.step, float(state.epoch), log, accelerator.print)
         accelerator.wait_for_everyone()
@@ -529,19 +532,6 @@ def build_monitor(config: PretrainConfig, eval_set: Any) -> KnnMonitor | None:
     if monitor is None:
         print(f"mpp pretrain: note: kNN monitor off, {config.data.source} split {config.data.split!r} has no labels")
     return monitor
-
-
-def _flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """TensorBoard hparams take scalars only: flatten sections and stringify lists and None."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat_hparams(value, f"{prefix}{key}."))
-        elif isinstance(value, bool | int | float | str):
-            out[f"{prefix}{key}"] = value
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,7 @@ RESUME_FREE_KEYS = {
     "checkpoint_every_steps",
     "monitor",
     "resume_any_world",
+    "trackers",  # where the curves go, not what is trained
 }
 
 

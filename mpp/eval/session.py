@@ -34,7 +34,8 @@ from mpp.train.checkpoint import Checkpoint, check_resumable, resume_state
 from mpp.train.lock import RunDirLock
 from mpp.train.trackers import flat_hparams, log_picture, make_trackers, parse_trackers, start_trackers
 
-RESUME_FREE_KEYS = {"output_dir", "progress", "init", "trackers", "hub_pickles"}  # init: a moved run is the same encoder
+# init: a moved run is the same encoder; trackers, hub_pickles: where curves go and how weights are fetched
+RESUME_FREE_KEYS = {"output_dir", "progress", "init", "trackers", "hub_pickles"}
 
 
 # ------------------------------------------------------------------------------------------------ the session

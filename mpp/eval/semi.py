@@ -313,6 +313,9 @@ class FixMatch:
             if run_dir is not None and accelerator.is_main_process:
                 with (run_dir / "pseudo_labels.jsonl").open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
+            if getattr(accelerator, "trackers", None):  # beside the loss curves (accuracy: log only, never trained on)
+                numbers = {f"semi/{k}": v for k, v in record.items() if k not in ("step", "stage") and v is not None}
+                accelerator.log(numbers, step=info.step)
 
         return step
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {  # name: (module with main(argv), help)
@@ -41,7 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpp: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        code = int(module.main(rest) or 0)
+        sys.stdout.flush()  # inside the try: a pipe closed early shows up at the last flush too
+    except BrokenPipeError:
+        # The reader stopped listening (`mpp recipes | head -1`, `| grep -q`): end quietly as Unix tools do. Python
+        # flushes stdout again at exit, so point it at /dev/null first or that flush prints the traceback instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what the shell reports for a tool killed by the closed pipe
+    return code
 
 
 if __name__ == "__main__":

@@ -168,6 +168,14 @@ def atomic_write_json(path: str | Path, data: Any, keep_note: str = "") -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n", keep_note)
 
 
+def atomic_save_image(image: Any, path: str | Path, keep_note: str = "") -> Path:
+    """Save a PIL image (format from ``path``'s suffix) atomically: a full disk is the one-line error, no half PNG."""
+    path = Path(path)
+    with atomic_path(path, keep_note) as tmp:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+    return path
+
+
 def one_line(err: BaseException) -> str:
     """An error as the single line a command prints: OSErrors without their ``[Errno n]`` prefix."""
     if isinstance(err, OSError) and err.strerror:

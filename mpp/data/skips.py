@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mpp.data.base import ImageDataset, skip_line
+from mpp.runtime import atomic_write_text
 
 SKIPPED_FILES = "skipped_files.txt"
 
@@ -42,7 +43,7 @@ def start_skip_log(dataset: Any, run_dir: Path, write: bool = True) -> str | Non
     path = Path(run_dir) / SKIPPED_FILES
     if write:
         lines = [skip_line(item, base.skip_reasons[item], base.skip_when.get(item, "scan")) for item in base.skipped]
-        path.write_text("path\twhen\treason\n" + "".join(lines))
+        atomic_write_text(path, "path\twhen\treason\n" + "".join(lines))
     base.skip_log = str(path)
     if not base.skipped:
         return None

@@ -33,7 +33,7 @@ from mpp.eval.baselines import cnn_budget, pixel_budget
 from mpp.eval.features import FeatureCache
 from mpp.eval.session import Session
 from mpp.models.registry import MODEL_CONFIGS
-from mpp.runtime import atomic_write_json, atomic_write_text, check_output_dir, write_config
+from mpp.runtime import atomic_save_image, atomic_write_json, atomic_write_text, check_output_dir, write_config
 from mpp.viz.text import pil_font, text_size
 
 RunBudget = Callable[[Session, EvaluateConfig, Path, FeatureCache, str | None], Path]
@@ -394,7 +394,7 @@ def write_efficiency(out: Path, report: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "efficiency.json", report)
     atomic_write_text(out / "efficiency.md", efficiency_markdown(report))
-    draw_efficiency(report).save(out / "efficiency.png")
+    atomic_save_image(draw_efficiency(report), out / "efficiency.png")
     return out / "efficiency.json"
 
 

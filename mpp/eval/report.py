@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from mpp.runtime import atomic_write_json, atomic_write_text
+from mpp.runtime import atomic_save_image, atomic_write_json, atomic_write_text
 from mpp.viz.text import pil_font, text_size
 
 # Beyond these many classes the numbers / names would not fit in a readable picture.
@@ -74,8 +74,7 @@ def draw_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
 
 def save_confusion(path: Path, confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> Path:
     """Draw and save a confusion-matrix PNG."""
-    draw_confusion(confusion, class_names, title).save(path)
-    return path
+    return atomic_save_image(draw_confusion(confusion, class_names, title), path)
 
 
 def _fmt(value: float | None) -> str:

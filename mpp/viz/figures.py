@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mpp.runtime import atomic_path
 from mpp.viz.reconstruction import Reconstruction
 
 EXTRA_HINT = "pip install 'mpp[viz]'"
@@ -49,7 +50,8 @@ def _show(ax: Any, img: torch.Tensor) -> None:
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -12,6 +12,7 @@ from torchvision.utils import make_grid
 
 from mpp.masking import unpatchify
 from mpp.models.mae import MaskedAutoencoder
+from mpp.runtime import atomic_save_image
 from mpp.viz.text import pil_font, text_size
 
 # The rows of :func:`reconstruction_rows`, named on the saved picture.
@@ -128,7 +129,7 @@ def save_reconstruction_grid(
     grid = make_grid(rows, nrow=imgs.shape[0], padding=GRID_PADDING, pad_value=1.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with_row_names(grid, ROW_NAMES, rows.shape[-2]).save(path)
+    atomic_save_image(with_row_names(grid, ROW_NAMES, rows.shape[-2]), path)
     return path
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mpp.config import ConfigError
-from mpp.runtime import DiskFullError
+from mpp.runtime import DiskFullError, atomic_save_image
 from mpp.train import pretrain
 from mpp.train.checkpoint import REJECTED, checkpoint_dirs, newest_resumable, save_checkpoint
 from mpp.train.lock import RunDirLock
@@ -104,6 +104,24 @@ def test_a_full_disk_inside_the_optimizer_file_is_one_clear_error(tmp_path, monk
                                             "checkpoint step_00000100 is intact"):  # fmt: skip
         _save(tmp_path, 200, keep=2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step_00000100"]
+
+
+def test_a_full_disk_while_saving_a_picture_keeps_the_previous_one(tmp_path, monkeypatch):
+    from PIL import Image
+
+    picture = tmp_path / "recon" / "final.png"
+    picture.parent.mkdir()
+    atomic_save_image(Image.new("L", (8, 8), 255), picture)
+    before = picture.read_bytes()
+
+    def full_after_a_few_bytes(self, fp, format=None, **params):  # noqa: A002 (PIL's own argument name)
+        Path(fp).write_bytes(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full_after_a_few_bytes)
+    with pytest.raises(DiskFullError, match=f"no space left while writing {picture}$"):
+        atomic_save_image(Image.new("L", (8, 8), 0), picture)
+    assert picture.read_bytes() == before and [p.name for p in picture.parent.iterdir()] == ["final.png"]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from mpp.runtime import atomic_write_text
+
 CARD = "README.md"
 PICTURE = "reconstruction.png"
 # Hub dataset ids of mpp's built-in sources, for the card's `datasets:` (folders and shards have none).
@@ -185,6 +187,4 @@ def model_card(run_dir: str | Path, dst: str | Path, to: str) -> Path:
         "",
     ]
     dst.mkdir(parents=True, exist_ok=True)
-    path = dst / CARD
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write_text(dst / CARD, "\n".join(lines))

@@ -120,7 +120,8 @@ class SemiSettings:
     enabled: bool = False
     method: str = "selftrain"  # selftrain | fixmatch
     rounds: int = 2  # selftrain: pseudo-labelling rounds after the labels-only fine-tune
-    threshold: float = 0.9  # confidence (after alignment) a pseudo-label needs (FixMatch's paper: 0.95)
+    threshold: float | None = None  # confidence (after alignment) a pseudo-label needs; None: fixmatch 0.9 (the
+    # paper: 0.95), selftrain 0 (its equal top-k per class does the filtering)
     mu: int = 7  # fixmatch: unlabeled images per labelled one
     weight: float = 1.0  # fixmatch: weight of the unlabeled term
     ema_teacher: bool = False  # fixmatch: the weak view is labelled by the EMA model (needs finetune.ema)
@@ -371,7 +372,8 @@ def _check_finetune(ft: FinetuneSettings) -> None:
     check(semi.weight >= 0, "finetune.semi.weight", semi.weight, "must be >= 0")
     check(not (semi.ema_teacher and not ft.ema), "finetune.semi.ema_teacher", True, "needs finetune.ema=true")
     check(semi.rounds >= 1, "finetune.semi.rounds", semi.rounds, "must be >= 1")
-    check(0 <= semi.threshold < 1, "finetune.semi.threshold", semi.threshold, "must be in [0, 1)")
+    threshold_ok = semi.threshold is None or 0 <= semi.threshold < 1
+    check(threshold_ok, "finetune.semi.threshold", semi.threshold, "must be in [0, 1)")
     for name in ("per_class", "pool_limit"):
         value = getattr(semi, name)
         check(value is None or value > 0, f"finetune.semi.{name}", value, "must be positive")

@@ -37,8 +37,13 @@ def test_a_dominant_class_does_not_take_the_pool_over():
     rows, labels, _ = select_pseudo_labels(logits.softmax(1), 0.0, per_class=50, align=True)
     counts = torch.bincount(torch.tensor(labels), minlength=4).tolist()
     assert counts == [50, 50, 50, 50] and rows == sorted(rows)
-    unaligned = select_pseudo_labels(logits.softmax(1), 0.9, per_class=1000, align=False)[1]
-    assert torch.bincount(torch.tensor(unaligned), minlength=4)[0] > 0.9 * len(unaligned)  # what alignment prevents
+    # Unaligned, the teacher calls 90% of the pool class 0; a mere cap kept that skew (measured: 86-1,000 per class
+    # on Fashion-MNIST); every class now keeps as many as the scarcest, its most confident ones.
+    confident = logits.softmax(1)
+    rows, unaligned, conf = select_pseudo_labels(confident, 0.5, per_class=1000, align=False)
+    counts = torch.bincount(torch.tensor(unaligned), minlength=4).tolist()
+    scarcest = min(int(((confident.argmax(1) == c) & (confident.max(1).values >= 0.5)).sum()) for c in range(4))
+    assert counts == [scarcest] * 4 and 0 < scarcest < 50 and conf.min() >= 0.5
     record = pseudo_record(1, [0, 1], [0, 2], truth=[0, 1], num_classes=3, pool=2)
     assert record["accuracy"] == 50.0 and record["per_class"] == [1, 0, 1]
 

@@ -57,6 +57,7 @@ class Schedule:
     batch_clipped: bool = False  # the configured batch was larger than the training set allows
     minutes: float | None = None  # a wall-clock budget: mpp.train.budget fixes max_steps from the first steps' pace
     max_steps: int | None = None  # the run ends here, inside its last epoch (set by a budget)
+    warmup_fraction: float | None = None  # set: a budget's cap makes warmup this share of the run (see plan_schedule)
 
     @property
     def effective_batch(self) -> int:
@@ -78,6 +79,8 @@ class Schedule:
         """End the run after ``steps`` optimiser steps; the last epoch is cut short and the cosine ends there."""
         self.max_steps = max(1, steps)
         self.epochs = -(-self.max_steps // self.steps_per_epoch)
+        if self.warmup_fraction is not None:
+            self.warmup_epochs = self.warmup_fraction * self.max_steps / self.steps_per_epoch
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -144,9 +147,14 @@ def plan_schedule(
         )
     epochs, warmup = section.epochs, section.warmup_epochs
     minutes = getattr(section, "minutes", None)
+    min_steps = getattr(section, "min_steps", 0)
+    warmup_fraction = None
     if minutes:  # provisional: long enough for any budget until the pace is known (mpp.train.budget caps it)
         epochs = max(epochs, -(-1_000_000 // steps_per_epoch))
-    min_steps = getattr(section, "min_steps", 0)
+        if steps_per_epoch * section.epochs < min_steps:
+            # Few labels: epochs of a step or two, so warmup_epochs means "this share of the run" (as min_steps
+            # stretches it); in epochs it would be a fraction of one step once the budget fixes the length.
+            warmup_fraction = section.warmup_epochs / section.epochs
     if steps_per_epoch * epochs < min_steps:  # few labels: more epochs (and proportional warmup) to reach min_steps
         stretched = -(-min_steps // steps_per_epoch)
         epochs, warmup = stretched, warmup * stretched / section.epochs
@@ -164,6 +172,7 @@ def plan_schedule(
         steps_per_epoch,
         batch < section.batch_size,
         minutes,
+        warmup_fraction=warmup_fraction,
     )
 
 

@@ -67,6 +67,11 @@ def test_schedule_prologue():
     few = plan_schedule(OptimConfig(epochs=1, batch_size=64, min_steps=30, warmup_epochs=0.5), 40, 1, "optim",
                         clip_batch=True)  # fmt: skip
     assert few.batch_size == 40 and few.batch_clipped and few.epochs == 30 and few.warmup_epochs == 15
+    # the same few labels on a wall-clock budget: warmup stays half of the run the budget fixes, not half a step
+    budgeted = OptimConfig(epochs=1, batch_size=40, min_steps=30, warmup_epochs=0.5, minutes=5)
+    timed = plan_schedule(budgeted, 40, 1, "optim")
+    timed.cap(172)
+    assert timed.total_steps == 172 and timed.warmup_epochs == pytest.approx(86)
     with pytest.raises(ConfigError, match="optim.batch_size=64: 40 images give no full step"):
         plan_schedule(OptimConfig(batch_size=64), 40, 1, "optim")
 

@@ -128,6 +128,7 @@ class SemiSettings:
     per_class: int | None = None  # at most this many per class; None: pool / classes x round / rounds
     align: bool = True  # distribution alignment: rescale the teacher's mean prediction to uniform (ReMixMatch)
     pool_limit: int | None = None  # a seeded subset of the unlabeled pool (fewer predictions per round)
+    labelled_share: float = 0.5  # selftrain: true labels repeated to at least this share of a round's items (0: once)
 
 
 @dataclass
@@ -372,6 +373,8 @@ def _check_finetune(ft: FinetuneSettings) -> None:
     check(semi.weight >= 0, "finetune.semi.weight", semi.weight, "must be >= 0")
     check(not (semi.ema_teacher and not ft.ema), "finetune.semi.ema_teacher", True, "needs finetune.ema=true")
     check(semi.rounds >= 1, "finetune.semi.rounds", semi.rounds, "must be >= 1")
+    share = semi.labelled_share
+    check(0 <= share < 1, "finetune.semi.labelled_share", share, "must be in [0, 1)")
     threshold_ok = semi.threshold is None or 0 <= semi.threshold < 1
     check(threshold_ok, "finetune.semi.threshold", semi.threshold, "must be in [0, 1)")
     for name in ("per_class", "pool_limit"):

@@ -8,7 +8,14 @@ from safetensors.torch import load_file
 import mpp.eval.session as session_module
 from mpp.data import build_dataset
 from mpp.eval import finetune
-from mpp.eval.semi import HiddenLabels, pseudo_record, select_pseudo_labels, unlabeled_pool
+from mpp.eval.semi import (
+    HiddenLabels,
+    PseudoLabelled,
+    pseudo_record,
+    select_pseudo_labels,
+    unlabeled_pool,
+    with_labelled_share,
+)
 from mpp.eval.session import Splits
 
 ARGS = [
@@ -44,6 +51,13 @@ def test_a_dominant_class_does_not_take_the_pool_over():
     counts = torch.bincount(torch.tensor(unaligned), minlength=4).tolist()
     scarcest = min(int(((confident.argmax(1) == c) & (confident.max(1).values >= 0.5)).sum()) for c in range(4))
     assert counts == [scarcest] * 4 and 0 < scarcest < 50 and conf.min() >= 0.5
+    # a round's true labels are repeated up to half of its items, so 3 of them are not drowned by 30 pseudo-labels
+    base = torch.utils.data.TensorDataset(torch.zeros(40, 1))
+    base.targets = [i % 4 for i in range(40)]
+    pseudo = PseudoLabelled(base, list(range(10, 40)), [0] * 30)
+    mixed = with_labelled_share(torch.utils.data.Subset(base, [0, 1, 2]), pseudo, 0.5)
+    assert len(mixed) == 60 and mixed.targets[:30] == [0, 1, 2] * 10 and mixed.targets[30:] == [0] * 30
+    assert len(with_labelled_share(torch.utils.data.Subset(base, [0, 1, 2]), pseudo, 0.0)) == 33
     record = pseudo_record(1, [0, 1], [0, 2], truth=[0, 1], num_classes=3, pool=2)
     assert record["accuracy"] == 50.0 and record["per_class"] == [1, 0, 1]
 

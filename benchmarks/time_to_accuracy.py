@@ -146,7 +146,7 @@ def run_reference(config: PretrainConfig, minutes: float, read_every: float, wor
             if elapsed >= budget_s or (total_steps is not None and step >= total_steps):
                 snapshots.append({"seconds": elapsed, "step": step, "state": clone_state(model)})
                 return {"wall_s": elapsed, "steps": step, "total_steps": total_steps, "points": snapshots,
-                        "loss": float(loss)}  # fmt: skip
+                        "loss": loss.item()}  # fmt: skip
 
 
 def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -246,6 +246,7 @@ def main() -> int:
         reference_final = encoder_of(reference["points"][-1]["state"], config)
         finals["reference (paper recipe, HF ViTMAE)"] = full_bank_knn(reference_final, config)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     draw(curves, out.with_suffix(".png"))
     rows = {
         name: {

@@ -107,6 +107,12 @@ def unlabeled_pool(splits: Splits, limit: int | None = None, seed: int = 0) -> l
     return pool
 
 
+def aligned_to_uniform(probs: torch.Tensor) -> torch.Tensor:
+    """Distribution alignment (ReMixMatch): rows rescaled by ``uniform / mean prediction``, then renormalised."""
+    probs = probs / probs.mean(0, keepdim=True).clamp_min(1e-8)
+    return probs / probs.sum(1, keepdim=True)
+
+
 def threshold_of(semi: SemiSettings) -> float:
     """``semi.threshold``, or the method's own default.
 
@@ -134,8 +140,7 @@ def select_pseudo_labels(
         ``(rows, labels, confidences)``, rows sorted.
     """
     if align:
-        probs = probs / probs.mean(0, keepdim=True).clamp_min(1e-8)
-        probs = probs / probs.sum(1, keepdim=True)
+        probs = aligned_to_uniform(probs)
     conf, pred = probs.max(1)
     ranked = []
     for c in range(probs.shape[1]):
@@ -317,8 +322,7 @@ class FixMatch:
         with torch.no_grad():
             probs = teacher(weak).float().softmax(1)
         if s.align:  # this batch's mean prediction rescaled to uniform: no class takes the pool over
-            probs = probs / probs.mean(0, keepdim=True).clamp_min(1e-8)
-            probs = probs / probs.sum(1, keepdim=True)
+            probs = aligned_to_uniform(probs)
         confidence, pseudo = probs.max(1)
         mask = (confidence >= threshold_of(s)).float()
         unlabeled = (F.cross_entropy(model(strong).float(), pseudo, reduction="none") * mask).mean()

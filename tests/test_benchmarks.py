@@ -25,3 +25,15 @@ def test_step_benchmark_cpu_path_without_the_official_checkout(tmp_path, capsys)
 def test_official_dir_must_be_a_mae_checkout(tmp_path):
     with pytest.raises(SystemExit, match="models_mae.py not found"):
         bench_pretrain_step.load_official(tmp_path)
+
+
+def test_compile_benchmark_reports_a_break_even(tmp_path, capsys):
+    import bench_compile
+
+    out = tmp_path / "compile.json"
+    # backend "eager" traces with dynamo but generates no code: the script's path in seconds, not a speed figure
+    bench_compile.main(["--cases", "micro_16px", "--repeats", "2", "--backend", "eager", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    assert abs(row["loss_eager"] - row["loss_compiled"]) < 1e-5 and row["eager_step_s"] > 0
+    assert row["break_even_steps"] is None or row["break_even_steps"] > 0
+    assert "| micro_16px | 8 | fp32 |" in capsys.readouterr().out

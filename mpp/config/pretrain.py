@@ -97,7 +97,7 @@ class PretrainConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 0
     mixed_precision: str = "auto"
-    compile: bool | None = None  # torch.compile the model; None: on with CUDA (a failure falls back with a note)
+    compile: bool | None = None  # torch.compile the model; None: on with CUDA, off on CPUs (measured slower there)
     compile_backend: str = "inductor"
     fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (mpp.train.fsdp)
     cpu: bool = False

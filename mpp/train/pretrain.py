@@ -413,6 +413,10 @@ def masked_loss(accelerator: Accelerator) -> Callable[[torch.nn.Module, Any], to
     return loss_fn
 
 
+# Why compile=None means eager on a CPU (docs/benchmarks.md, "torch.compile on the CPU").
+CPU_COMPILE_NOTE = "measured 0.95-0.97x eager on an AVX2 CPU in fp32, never paying back its compile time"
+
+
 def maybe_compile(
     config: PretrainConfig,
     model: torch.nn.Module,
@@ -421,8 +425,15 @@ def maybe_compile(
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     accelerator: Accelerator,
 ) -> torch.nn.Module:
-    """``torch.compile`` (on by default with CUDA) after a trial step on the epoch's first batch, else ``model``."""
-    if not (config.compile or (config.compile is None and accelerator.device.type == "cuda")):
+    """``torch.compile`` (on by default with CUDA) after a trial step on the epoch's first batch, else ``model``.
+
+    Off by default on CPUs: ``benchmarks/bench_compile.py`` measured inductor's step at 0.97x eager (tiny, 28 px) and
+    0.95x (ViT-B/16) on an AVX2 EPYC in fp32, after 66-101 s of compiling, so it never pays back there.
+    """
+    if config.compile is None and accelerator.device.type != "cuda":
+        accelerator.print(f"  torch.compile: off on the CPU ({CPU_COMPILE_NOTE}); compile=true turns it on")
+        return model
+    if not (config.compile or config.compile is None):
         return model
     first = next(iter(loader_for(state.epoch, 0)))  # any full batch will do; an epoch's first always exists
 

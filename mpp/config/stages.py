@@ -119,7 +119,8 @@ class SemiSettings:
 
     enabled: bool = False
     method: str = "selftrain"  # selftrain | fixmatch
-    rounds: int = 2  # selftrain: pseudo-labelling rounds after the labels-only fine-tune
+    rounds: int = 1  # selftrain: pseudo-labelling rounds after the labels-only fine-tune (a second one lost on
+    # validation in docs/evaluation.md's measurements)
     threshold: float | None = None  # confidence (after alignment) a pseudo-label needs; None: fixmatch 0.9 (the
     # paper: 0.95), selftrain 0 (its equal top-k per class does the filtering)
     mu: int = 7  # fixmatch: unlabeled images per labelled one

@@ -16,8 +16,8 @@ import statistics
 import time
 
 import torch
-from bench_pretrain_step import CASES, step_mpp
-from machine import machine_facts, write_report
+from bench_pretrain_step import CASES, pick_cases, step_mpp
+from machine import publish
 
 import mpp
 
@@ -97,16 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/compile.json")
     args = parser.parse_args(argv)
-    names = args.cases.split(",")
-    if unknown := [n for n in names if n not in CASES]:
-        raise SystemExit(f"--cases: unknown {unknown}; known: {sorted(CASES)}")
     device = torch.device(args.device)
-    rows = [run_case(n, args.repeats, args.backend, args.precision, device) for n in names]
-    env = {**machine_facts(), "mpp": mpp.__version__, "device": args.device}
-    out = write_report(args.out, {"env": env, "results": rows})
-    print(f"env: {env}")
-    print(table(rows))
-    print(f"wrote {out}")
+    rows = [run_case(n, args.repeats, args.backend, args.precision, device) for n in pick_cases(args.cases)]
+    publish(args.out, rows, table(rows), mpp=mpp.__version__, device=args.device)
 
 
 if __name__ == "__main__":

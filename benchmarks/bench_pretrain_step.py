@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from machine import machine_facts, write_report
+from machine import publish
 
 import mpp
 from mpp.formats.hf import hf_config_kwargs, mpp_to_hf
@@ -179,6 +179,14 @@ def run_case(name: str, variant: str, overrides: dict, batch: int, repeats: int,
     }  # fmt: skip
 
 
+def pick_cases(spec: str) -> list[str]:
+    """The case names of a comma-separated ``--cases``; an unknown one stops with the list of known ones."""
+    names = spec.split(",")
+    if unknown := [n for n in names if n not in CASES]:
+        raise SystemExit(f"--cases: unknown {unknown}; known: {sorted(CASES)}")
+    return names
+
+
 def table(rows: list[dict]) -> str:
     head = "| case | batch | precision | mpp img/s | official img/s | HF img/s | mpp / official | mpp / HF | loss diff"
     lines = [head + " |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -200,19 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/pretrain_step.json")
     args = parser.parse_args(argv)
-    names = args.cases.split(",") if not args.quick else ["tiny_fmnist_28px", "vit_tiny_32px"]
-    if unknown := [n for n in names if n not in CASES]:
-        raise SystemExit(f"--cases: unknown {unknown}; known: {sorted(CASES)}")
+    names = pick_cases(args.cases) if not args.quick else ["tiny_fmnist_28px", "vit_tiny_32px"]
     official = load_official(args.official.expanduser()) if args.official else None
     if official is None:
         print("note: no --official DIR given: the official MAE column is skipped")
     repeats = 3 if args.quick else args.repeats
     rows = [run_case(n, *CASES[n], repeats=repeats, official=official, device=torch.device(args.device)) for n in names]
-    env = {**machine_facts(), "transformers": transformers.__version__, "mpp": mpp.__version__, "device": args.device}
-    out = write_report(args.out, {"env": env, "results": rows})
-    print(f"env: {env}")
-    print(table(rows))
-    print(f"wrote {out}")
+    publish(args.out, rows, table(rows), transformers=transformers.__version__, mpp=mpp.__version__, device=args.device)
 
 
 if __name__ == "__main__":

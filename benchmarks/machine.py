@@ -29,3 +29,13 @@ def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def publish(path: str | Path, rows: list[dict[str, Any]], table: str, **env: Any) -> Path:
+    """Write ``{"env", "results"}`` to ``path`` (the machine's facts plus ``env``), print the env and ``table``."""
+    facts = {**machine_facts(), **env}
+    out = write_report(path, {"env": facts, "results": rows})
+    print(f"env: {facts}")
+    print(table)
+    print(f"wrote {out}")
+    return out

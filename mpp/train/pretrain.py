@@ -433,7 +433,7 @@ def maybe_compile(
     if config.compile is None and accelerator.device.type != "cuda":
         accelerator.print(f"  torch.compile: off on the CPU ({CPU_COMPILE_NOTE}); compile=true turns it on")
         return model
-    if not (config.compile or config.compile is None):
+    if config.compile is False:
         return model
     first = next(iter(loader_for(state.epoch, 0)))  # any full batch will do; an epoch's first always exists
 

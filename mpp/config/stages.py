@@ -7,7 +7,7 @@ defaults -> recipe -> ``key=value`` overrides, and every impossible value is a o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mpp.config.core import (
@@ -19,6 +19,9 @@ from mpp.config.core import (
     check_precision,
     check_schedule,
     check_source,
+    from_dict,
+    load_yaml,
+    to_dict,
 )
 
 PROBE_MODES = ("full", "cached")
@@ -159,6 +162,15 @@ class FinetuneSettings(ScheduleConfig):
     log_every: int = 10
     save_model: bool = True
     semi: SemiSettings = field(default_factory=SemiSettings)
+    # The classifier head's readout (token | avg | tokens); None: the stage's global_pool, else avg (the paper's). Its
+    # own key so `mpp evaluate --finetune` can fine-tune on the token map while kNN and the probe read avg pooling.
+    global_pool: str | None = None
+
+
+def finetune_pool(config: StageConfig) -> str:
+    """The readout a fine-tune head is built on: ``finetune.global_pool``, else ``global_pool``, else ``avg``."""
+    settings = getattr(config, "finetune", None)
+    return getattr(settings, "global_pool", None) or config.global_pool or "avg"
 
 
 @dataclass
@@ -204,6 +216,11 @@ class EvaluateConfig(StageConfig):
     label_seeds: list[int] | None = None
     seeded_budgets: int = 10
     cnn: CnnSettings = field(default_factory=CnnSettings)
+    # A fine-tune recipe per label budget ({10: finetune_fmnist_few, 100: finetune_fmnist_100, all: ...}): at that
+    # budget its finetune section (and its global_pool, as the head's readout) replaces `finetune`, for the ViTs and
+    # the CNN alike, so each budget fine-tunes with the recipe chosen for it on validation. Only finetune.semi carries
+    # over when the recipe has none (so --finetune finetune.semi.enabled=true applies at every budget).
+    finetune_recipes: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         # The command line gives "1,10,all" as one string, a recipe a list: keep one canonical form either way.
@@ -215,6 +232,40 @@ class EvaluateConfig(StageConfig):
 
 
 BUDGET_ALL = "all"
+
+
+def budget_finetune(config: EvaluateConfig) -> FinetuneSettings:
+    """The fine-tune settings of ``config``'s label budget: its ``finetune_recipes`` entry, else ``finetune``.
+
+    The budget is ``labels_per_class``, or ``all`` when neither it nor ``label_fraction`` is set; a fraction, or a
+    budget without an entry, keeps ``finetune`` as it is.
+
+    Raises:
+        ConfigError: the recipe is missing or sets a fine-tune key that does not exist (one line naming both).
+    """
+    recipes = config.finetune_recipes or {}
+    budget = BUDGET_ALL if config.labels_per_class is None else str(config.labels_per_class)
+    name = None if config.label_fraction is not None else recipes.get(budget)
+    if name is None:
+        return config.finetune
+    try:
+        recipe = load_yaml(name)
+        if not recipe.get("finetune"):
+            raise ConfigError("not a fine-tune recipe: it has no finetune section")
+        section = dict(recipe["finetune"])
+        if recipe.get("global_pool") is not None:  # a fine-tune recipe's global_pool is its head's readout
+            section.setdefault("global_pool", recipe["global_pool"])
+        section.setdefault("semi", to_dict(config.finetune.semi))  # finetune.semi.* given to the sweep carry over
+        settings = from_dict(FinetuneSettings, section, "finetune.")
+        _check_finetune(settings)
+    except ConfigError as err:
+        raise ConfigError(f"finetune_recipes.{budget}={name}: {err}") from None
+    return settings
+
+
+def at_budget(config: EvaluateConfig) -> EvaluateConfig:
+    """``config`` with the fine-tune settings of its own label budget (:func:`budget_finetune`)."""
+    return replace(config, finetune=budget_finetune(config))
 
 
 def parse_budgets(value: Any) -> list[int | str] | None:
@@ -326,11 +377,19 @@ def check_stage(config: StageConfig) -> None:
         check(name in CLASSIFIER_POOLS, "readouts", name, f"must be among {', '.join(CLASSIFIER_POOLS)}")
     for name in getattr(config, "baselines", []):
         check(name in BASELINES, "baselines", name, f"must be among {', '.join(BASELINES)} (or none)")
+    for budget in getattr(config, "finetune_recipes", None) or {}:
+        per_class_ok = budget == BUDGET_ALL or (budget.isdigit() and int(budget) > 0)
+        check(per_class_ok, "finetune_recipes", budget, "keys are labels per class (e.g. 10) or all")
+        budget_finetune(replace(config, budgets=None, label_fraction=None, labels_per_class=_per_class(budget)))
     cnn = getattr(config, "cnn", None)
     if cnn is not None:
         check(len(cnn.widths) == 4, "cnn.widths", cnn.widths, "needs four stage widths (a ResNet has four stages)")
         check(len(cnn.blocks) == 4, "cnn.blocks", cnn.blocks, "needs four block counts (a ResNet has four stages)")
         check(all(v > 0 for v in [*cnn.widths, *cnn.blocks]), "cnn.widths", cnn.widths, "must be positive")
+
+
+def _per_class(budget: str) -> int | None:
+    return None if budget == BUDGET_ALL else int(budget)
 
 
 def _check_knn(knn: KnnSettings) -> None:
@@ -358,6 +417,10 @@ def _check_probe(probe: ProbeSettings) -> None:
 
 def _check_finetune(ft: FinetuneSettings) -> None:
     _check_schedule(ft, "finetune.")
+    from mpp.models.classifier import CLASSIFIER_POOLS
+
+    pools = (None, *CLASSIFIER_POOLS)
+    check(ft.global_pool in pools, "finetune.global_pool", ft.global_pool, "must be token, avg or tokens")
     check(0 < ft.layer_decay <= 1, "finetune.layer_decay", ft.layer_decay, "must be in (0, 1]")
     check(0 <= ft.drop_path_rate < 1, "finetune.drop_path_rate", ft.drop_path_rate, "must be in [0, 1)")
     check(0 <= ft.smoothing < 1, "finetune.smoothing", ft.smoothing, "must be in [0, 1)")

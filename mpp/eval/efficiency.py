@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from mpp.config import BUDGET_ALL, ConfigError, EvaluateConfig, to_dict
+from mpp.config.stages import at_budget
 from mpp.eval.baselines import cnn_budget, pixel_budget
 from mpp.eval.features import FeatureCache
 from mpp.eval.session import Session
@@ -77,7 +78,8 @@ def budget_dir(budget: int | str) -> str:
 def single_budget(config: EvaluateConfig, budget: int | str, output_dir: Path) -> EvaluateConfig:
     """``config`` as the one-budget evaluation the sweep runs for ``budget``, writing into ``output_dir``."""
     per_class = None if budget == BUDGET_ALL else int(budget)
-    return replace(config, budgets=None, labels_per_class=per_class, label_fraction=None, output_dir=str(output_dir))
+    one = replace(config, budgets=None, labels_per_class=per_class, label_fraction=None, output_dir=str(output_dir))
+    return at_budget(one)  # the fine-tune recipe chosen for this budget (finetune_recipes), if there is one
 
 
 def check_budgets(session: Session) -> None:
@@ -234,6 +236,9 @@ def sweep(session: Session, run_budget: RunBudget) -> Path:
     session.lock()
     if session.main:
         write_config(out / "config.yaml", to_dict(config))
+    if config.finetune_recipes and (config.run_finetune or "cnn" in config.baselines):
+        chosen = ", ".join(f"{budget} per class: {name}" for budget, name in config.finetune_recipes.items())
+        session.say(f"efficiency: fine-tune recipes by budget ({chosen}; others: the finetune section)")
     encoders: dict[str, dict[str, Any]] = {}
     last: dict[str, Any] = {}  # a run's results.json, for what every run shares (data, classes, test size)
     for role, contender, runner in roles:

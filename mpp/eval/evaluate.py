@@ -31,6 +31,7 @@ from typing import Any
 
 from mpp.config import EvaluateConfig
 from mpp.config.command import command_main
+from mpp.config.stages import at_budget, finetune_pool
 from mpp.eval.efficiency import sweep
 from mpp.eval.features import FeatureCache, split_features
 from mpp.eval.finetune import finetune_augmentation, finetune_or_semi
@@ -45,7 +46,7 @@ def run(config: EvaluateConfig) -> Path:
     session = Session.open(config, "efficiency" if config.budgets else "eval", create_run_dir=not config.budgets)
     if config.budgets:
         return sweep(session, run_budget)
-    return run_budget(session, config, session.run_dir)
+    return run_budget(session, at_budget(config), session.run_dir)
 
 
 def run_budget(
@@ -110,7 +111,7 @@ def _finetune(session: Session, config: EvaluateConfig, out: Path) -> dict[str, 
     encoder = session.fresh_encoder(f.drop_path_rate)
     train_tf = finetune_augmentation(encoder, session.mean, session.std, f)
     splits = build_splits(config, encoder, train_tf, session.eval_transform())
-    classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool or "avg", FINETUNE_HEAD_STD)
+    classifier = ViTClassifier(encoder, splits.num_classes, finetune_pool(config), FINETUNE_HEAD_STD)
     out.mkdir(parents=True, exist_ok=True)
     session.say("  fine-tuning:")
     entries, _ = finetune_or_semi(config, session, splits, classifier, out)  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ from torch import nn
 
 from mpp.config import FinetuneConfig, FinetuneSettings
 from mpp.config.command import command_main
+from mpp.config.stages import finetune_pool
 from mpp.data.sampling import SeededItems
 from mpp.data.transforms import finetune_transform
 from mpp.eval.features import batched, validation_top1
@@ -174,6 +175,8 @@ def finetune(
             "drop_path_rate": f.drop_path_rate,
             "train_minutes": minutes,
         }
+        if pool := getattr(raw, "global_pool", None):  # the head's readout (a CNN baseline has none)
+            facts["global_pool"] = pool
         entry.update(schedule.facts(), **facts)
         if semi is not None:
             entry["semi"] = semi.summary()
@@ -191,7 +194,7 @@ def run(config: FinetuneConfig) -> Path:
     session = Session.open(config, "finetune", trainable=True, drop_path_rate=f.drop_path_rate, track=True)
     splits = session.splits(finetune_augmentation(session.encoder, session.mean, session.std, f))
     # The paper fine-tunes with average pooling + fc_norm; global_pool=token keeps the cls token instead.
-    classifier = ViTClassifier(session.encoder, splits.num_classes, config.global_pool or "avg", FINETUNE_HEAD_STD)
+    classifier = ViTClassifier(session.encoder, splits.num_classes, finetune_pool(config), FINETUNE_HEAD_STD)
     say = session.say
     found = session.resume()
     params = sum(p.numel() for p in classifier.parameters() if p.requires_grad) / 1e6

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from mpp.config import FinetuneConfig, SemiSettings
+from mpp.config.stages import finetune_pool
 from mpp.data.sampling import mix_seed, targets_of
 from mpp.data.transforms import finetune_transform
 from mpp.eval.features import batched
@@ -240,7 +241,7 @@ def run_round(
     round_dir.mkdir(parents=True, exist_ok=True)
     session.reseed()  # every round's student starts as a lone fine-tune would
     encoder = session.fresh_encoder(config.finetune.drop_path_rate)
-    classifier = ViTClassifier(encoder, splits.num_classes, config.global_pool or "avg", FINETUNE_HEAD_STD)
+    classifier = ViTClassifier(encoder, splits.num_classes, finetune_pool(config), FINETUNE_HEAD_STD)
     found = resume_state(round_dir, session.say)
     entries, trained = finetune(config, classifier, splits, session.accelerator, round_dir, session.say, found)
     if session.main:

@@ -258,3 +258,37 @@ def test_semi_supervised_fine_tune_is_a_column_beside_labels_only(tmp_path, enco
     assert protocols["finetune_semi"]["semi"]["method"] == "selftrain" and "semi" not in protocols["finetune"]
     assert (run / "finetune" / "round_1").is_dir() and not (out / "round_0").exists()  # rounds live in the budget's dir
     assert "| MAE fine-tune | MAE semi-supervised fine-tune |" in (out / "efficiency.md").read_text()
+
+
+def test_each_budget_fine_tunes_with_its_own_recipe(tmp_path, encoder_run):
+    recipe = tmp_path / "ft4.yaml"  # a fine-tune recipe as shipped ones are: its own section, its head's readout
+    recipe.write_text("global_pool: tokens\nfinetune:\n  epochs: 1\n  warmup_epochs: 0\n  batch_size: 16\n"
+                      "  blr: 0.02\n  rand_augment: null\n  mixup: 0\n  cutmix: 0\n")  # fmt: skip
+    out = tmp_path / "sweep"
+    args = ["evaluate", str(encoder_run), *SYNTH, "budgets=1,4", "run_finetune=true", "compare_random=false",
+            f"finetune_recipes={{4: {recipe}}}", f"output_dir={out}"]  # fmt: skip
+    assert cli_main(args) == 0
+    for budget, pool, blr in (("1_per_class", None, "blr 0.0005"), ("4_per_class", "tokens", "blr 0.02")):
+        assert yaml.safe_load((out / "mae" / budget / "config.yaml").read_text())["finetune"]["global_pool"] == pool
+        entry = json.loads((out / "mae" / budget / "results.json").read_text())["protocols"]["finetune"]
+        assert blr in entry["summary"] and entry["global_pool"] == (pool or "avg")  # the head was built on it
+
+
+def test_budget_recipes_replace_the_fine_tune_section_but_keep_semi(tmp_path):
+    from dataclasses import replace
+
+    from mpp.config.stages import at_budget
+
+    base = [*RANDOM, "finetune.blr=0.1", "finetune.semi.enabled=true"]
+    config = build_config(
+        EvaluateConfig, None, [*base, "finetune_recipes={10: finetune_fmnist_100, all: finetune_fmnist}"]
+    )
+    at_10 = at_budget(replace(config, labels_per_class=10)).finetune
+    assert (at_10.blr, at_10.min_steps, at_10.global_pool, at_10.semi.enabled) == (6e-3, 600, "tokens", True)
+    assert at_budget(replace(config, labels_per_class=5)).finetune.blr == 0.1  # no entry: the sweep's own section
+    assert at_budget(config).finetune.epochs == 8  # neither labels_per_class nor label_fraction: all
+    for bad, shown in (("{ten: finetune_fmnist}", "finetune_recipes='ten'"),
+                       ("{10: fmnist_tiny}", "finetune_recipes.10=fmnist_tiny: not a fine-tune recipe"),
+                       (f"{{10: {tmp_path / 'none.yaml'}}}", "does not exist")):  # fmt: skip
+        with pytest.raises(ConfigError, match=shown):
+            build_config(EvaluateConfig, None, [*base, f"finetune_recipes={bad}"])

@@ -97,6 +97,8 @@ class ProbeSettings(ScheduleConfig):
     # Cached mode: one head per blr. LARS steps are a fraction (lr x 0.001) of the weight norm, so runs with far fewer
     # or smaller steps than the paper's (batch 16384, 90 epochs) need a larger blr; the sweep spans that range.
     blr_sweep: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
+    # Cached mode: weight decays (L2 on the head) swept with every blr, chosen on validation too; None: weight_decay.
+    wd_sweep: list[float] | None = None
     val_fraction: float = 0.1  # cached mode: held out of the train split to choose the lr
     momentum: float = 0.9
     crop_scale_min: float = 0.08
@@ -411,6 +413,8 @@ def _check_probe(probe: ProbeSettings) -> None:
         probe.blr_sweep,
         "must be a non-empty list of positive values",
     )
+    wds = probe.wd_sweep
+    check(wds is None or (len(wds) > 0 and min(wds) >= 0), "probe.wd_sweep", wds, "must be a list of values >= 0")
     check(0 < probe.val_fraction < 1, "probe.val_fraction", probe.val_fraction, "must be in (0, 1)")
     check(0 <= probe.momentum < 1, "probe.momentum", probe.momentum, "must be in [0, 1)")
 

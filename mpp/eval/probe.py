@@ -7,9 +7,10 @@ then cosine. Two modes:
 
 - ``full`` (the paper's): every epoch pushes RandomResizedCrop + flip augmented images through the frozen encoder.
 - ``cached`` (fast; the CPU recipes'): features are extracted once with the evaluation transform, then one head per
-  ``blr`` in ``probe.blr_sweep`` trains on the same batches; the blr with the best accuracy on a seeded, stratified
-  validation split carved from the training images (never the test set) is chosen, and its head's test accuracy is
-  reported.
+  ``blr`` in ``probe.blr_sweep`` (times each weight decay in ``probe.wd_sweep``, when given) trains on the same
+  batches; the pair with the best accuracy on the validation split (``data.val_size``, else a seeded, stratified part
+  carved from the training images; never the test set) is chosen, and its head's test accuracy is reported. The weight
+  decay is the probe's L2 strength, chosen the way the raw-pixel logistic regression chooses its own.
 
 Usage::
 
@@ -89,8 +90,11 @@ def train_cached_heads(
     batch_size: int,
     seed: int = 0,
     on_step: Callable[[StepInfo], Any] | None = None,
+    weight_decays: list[float] | None = None,
 ) -> MultiHeadProbe:
     """Train one BN + linear head per absolute lr in ``lrs`` on cached features, all on the same batches.
+
+    ``weight_decays`` gives each head its own weight decay (default: ``settings.weight_decay`` for all).
 
     Each head has its own LARS groups (``lr_scale`` = its lr); the loss is the sum of the heads' cross-entropies,
     whose gradients do not mix since the heads share no parameter. A head whose loss stops being finite (too large
@@ -98,10 +102,11 @@ def train_cached_heads(
     has diverged does the engine's non-finite-loss stop apply.
     """
     model = MultiHeadProbe(feats.shape[1], num_classes, len(lrs))
+    decays = weight_decays if weight_decays is not None else [settings.weight_decay] * len(lrs)
     groups = [
         g
-        for head, lr in zip(model.heads, lrs, strict=True)
-        for g in lars_param_groups(list(head.parameters()), settings.weight_decay, lr_scale=lr)
+        for head, lr, wd in zip(model.heads, lrs, decays, strict=True)
+        for g in lars_param_groups(list(head.parameters()), wd, lr_scale=lr)
     ]
     optimizer = lars_optimizer(groups, lr=lrs[0], momentum=settings.momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -184,30 +189,42 @@ def cached_probe(
     plan = plan_schedule(replace(settings, batch_size=batch, accum_steps=1), len(train_pos), 1, "probe")
     epochs, warmup = plan.epochs, plan.warmup_epochs
     settings = replace(settings, epochs=epochs, warmup_epochs=warmup)
-    blrs = list(settings.blr_sweep)
+    wds = list(settings.wd_sweep or [settings.weight_decay])
+    grid = [(b, wd) for wd in wds for b in settings.blr_sweep]  # one head per (blr, weight decay)
+    blrs = [b for b, _ in grid]
     lrs = [absolute_lr(b, eff) for b in blrs]
     steps = epochs * (len(train_pos) // batch)
     say(
         f"  cached probe: {len(train_pos)} train / {len(val_y)} val features (val: {where}), "
         f"batch {eff}, {epochs} epochs (warmup {warmup:g}) = {steps} steps, LARS"
     )
-    say("  sweep: " + ", ".join(f"blr {b:g} -> lr {lr:.3g}" for b, lr in zip(blrs, lrs, strict=True)))
-    model = train_cached_heads(fit_x, fit_y, len(classes), lrs, settings, accelerator, batch, seed)
+    say("  sweep: " + ", ".join(f"blr {b:g} -> lr {lr:.3g}" for b, lr in zip(settings.blr_sweep, lrs, strict=False)))
+    if len(wds) > 1:
+        say(f"  weight decays: {', '.join(f'{wd:g}' for wd in wds)} (each with every blr)")
+    decays = [wd for _, wd in grid]
+    model = train_cached_heads(
+        fit_x, fit_y, len(classes), lrs, settings, accelerator, batch, seed, weight_decays=decays
+    )
     val_logits = head_logits(model, val_x)  # [K, Nv, C]
     val_top1 = [
         None if dead else 100.0 * (lg.argmax(1) == val_y).float().mean().item()
         for lg, dead in zip(val_logits, model.diverged, strict=True)
     ]
     best = max((i for i, v in enumerate(val_top1) if v is not None), key=lambda i: (val_top1[i], -i))  # ties: smaller
-    sweep = [{"blr": b, "lr": lr, "val_top1": v} for b, lr, v in zip(blrs, lrs, val_top1, strict=True)]
-    shown = [f"blr {s['blr']:g}: " + ("diverged" if s["val_top1"] is None else f"{s['val_top1']:.2f}%") for s in sweep]
-    say("  val top-1: " + ", ".join(shown) + f" -> blr {blrs[best]:g}")
+    sweep = [
+        {"blr": b, "weight_decay": wd, "lr": lr, "val_top1": v}
+        for (b, wd), lr, v in zip(grid, lrs, val_top1, strict=True)
+    ]
+    tag = (lambda s: f"blr {s['blr']:g}, wd {s['weight_decay']:g}") if len(wds) > 1 else (lambda s: f"blr {s['blr']:g}")
+    shown = [f"{tag(s)}: " + ("diverged" if s["val_top1"] is None else f"{s['val_top1']:.2f}%") for s in sweep]
+    say("  val top-1: " + ", ".join(shown) + f" -> {tag(sweep[best])}")
     test_logits = head_logits(model, test_x)[best]
     entry = classification_metrics(test_logits, test_y, classes)
     entry.update(
         mode="cached",
         sweep=sweep,
         chosen_blr=blrs[best],
+        chosen_weight_decay=grid[best][1],
         lr=lrs[best],
         effective_batch=eff,
         epochs=epochs,
@@ -217,7 +234,8 @@ def cached_probe(
         val_size=len(val_y),
         val_top1=val_top1[best],
     )
-    entry["summary"] = f"cached, blr {blrs[best]:g} chosen on val ({val_top1[best]:.2f}%), {epochs} ep, batch {eff}"
+    chosen = f"blr {blrs[best]:g}" + (f", wd {grid[best][1]:g}" if len(wds) > 1 else "")
+    entry["summary"] = f"cached, {chosen} chosen on val ({val_top1[best]:.2f}%), {epochs} ep, batch {eff}"
     return entry
 
 

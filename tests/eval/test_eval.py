@@ -94,6 +94,28 @@ def test_heads_of_a_sweep_train_independently():
     assert head_logits(both, feats).shape == (2, 80, 4)
 
 
+def test_weight_decay_sweep_gives_each_head_its_own_decay_and_chooses_on_val():
+    feats, labels = clusters(20, seed=3)
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    grid = train_cached_heads(feats, labels, 4, [0.5, 0.5], ProbeSettings(epochs=3, warmup_epochs=1), acc, 16,
+                              weight_decays=[0.5, 0.0])  # fmt: skip
+    torch.manual_seed(0)
+    decayed = train_cached_heads(feats, labels, 4, [0.5], ProbeSettings(epochs=3, warmup_epochs=1, weight_decay=0.5),
+                                 acc, 16)  # fmt: skip
+    torch.manual_seed(0)
+    plain = train_cached_heads(feats, labels, 4, [0.5], ProbeSettings(epochs=3, warmup_epochs=1), acc, 16)
+    torch.testing.assert_close(grid.heads[0].weight, decayed.heads[0].weight)  # as a lone run with that decay
+    assert not torch.allclose(decayed.heads[0].weight, plain.heads[0].weight)  # which the decay changed
+    test, test_labels = clusters(10, seed=1)
+    settings = ProbeSettings(mode="cached", epochs=4, warmup_epochs=0, batch_size=64, blr_sweep=[1.0, 10.0],
+                             wd_sweep=[0.0, 1e-2, 1e-1])  # fmt: skip
+    entry = cached_probe(feats, labels, test, test_labels, list("abcd"), settings, acc, say=lambda _: None)
+    assert [(s["blr"], s["weight_decay"]) for s in entry["sweep"]] == [(b, w) for w in (0, 1e-2, 1e-1) for b in (1, 10)]
+    best = max(entry["sweep"], key=lambda s: s["val_top1"])
+    assert entry["val_top1"] == best["val_top1"] and "wd" in entry["summary"]
+
+
 def test_a_diverging_head_leaves_the_sweep_alone():
     feats, labels = clusters(60, seed=0)
     test, test_labels = clusters(10, seed=1)

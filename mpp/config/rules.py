@@ -27,7 +27,8 @@ optim.batch_size            128 (cpu) / 256 (cuda), lowered to a power of two <=
                             at short budgets more steps beat bigger batches (measured)
 optim.blr                   1.5e-3 (measured best for runs of minutes to an hour; the paper's 1.5e-4 barely moves
                             them)
-optim.warmup_epochs         300 steps, in epochs of this data (a small folder's epochs are a few steps each)
+optim.warmup_epochs         300 steps, in epochs of this data (a small folder's epochs are a few steps each); a
+                            budget cuts it to a quarter of the steps it allows (mpp.train.optim.MAX_WARMUP_SHARE)
 monitor.samples             min(5000, n); the cadence keeps its readings within 5% of the run (monitor.max_share)
 ==========================  =====================================================================================
 """

@@ -439,7 +439,8 @@ def _pacer(
         state.extra[STATE_KEY] = plan.to_dict()
         bar.total = schedule.total_steps
         if say is not None:
-            say(plan.describe(schedule.steps_per_epoch))
+            warmup = round(schedule.warmup_epochs * schedule.steps_per_epoch)
+            say(f"{plan.describe(schedule.steps_per_epoch)}; warmup {warmup} steps")
         if hooks.on_plan is not None:
             hooks.on_plan(plan)
 

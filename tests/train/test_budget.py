@@ -8,7 +8,7 @@ from mpp.train.budget import MARGIN, STATE_KEY, TIMED_STEPS, UNTIMED_STEPS, step
 from mpp.train.checkpoint import TrainState
 from mpp.train.engine import FitHooks, _pacer
 from mpp.train.monitor import MonitorRun, readings_cadence
-from mpp.train.optim import Schedule
+from mpp.train.optim import MAX_WARMUP_SHARE, Schedule
 from tests.pretrain_runs import tiny_config
 
 
@@ -39,12 +39,13 @@ def test_budget_fixes_the_steps_from_the_timed_pace_and_a_resume_keeps_them():
     assert schedule.total_steps == expected == plans[0].total_steps == state.extra[STATE_KEY]["total_steps"]
     assert schedule.epochs == -(-expected // 50) and abs(schedule.span_epochs - expected / 50) < 1e-9
     assert schedule.lr_at(schedule.span_epochs) == 0.0  # the cosine ends where the budget does
+    assert expected < 200 and schedule.warmup_epochs == MAX_WARMUP_SHARE * expected / 50  # 1 epoch = 50 steps: cut
     assert steps_in_budget(1.0, 100.0, 7, 0.5, 50, 0.0) == 8  # an exhausted budget still takes one more step
 
     resumed = _schedule()  # a resume restores the count and times nothing, whatever the pace now
     assert _pacer(Accelerator(cpu=True), resumed, TrainState(extra=dict(state.extra)), FitHooks(), Bar(), None,
                   started=0.0, clock=lambda: 1e9) is None  # fmt: skip
-    assert resumed.total_steps == expected
+    assert resumed.total_steps == expected and resumed.warmup_epochs == schedule.warmup_epochs
 
 
 def test_monitor_cadence_keeps_its_share():

@@ -382,7 +382,7 @@ def check_stage(config: StageConfig) -> None:
     for budget in getattr(config, "finetune_recipes", None) or {}:
         per_class_ok = budget == BUDGET_ALL or (budget.isdigit() and int(budget) > 0)
         check(per_class_ok, "finetune_recipes", budget, "keys are labels per class (e.g. 10) or all")
-        budget_finetune(replace(config, budgets=None, label_fraction=None, labels_per_class=_per_class(budget)))
+        budget_finetune(replace(config, budgets=None, label_fraction=None, labels_per_class=per_class_of(budget)))
     cnn = getattr(config, "cnn", None)
     if cnn is not None:
         check(len(cnn.widths) == 4, "cnn.widths", cnn.widths, "needs four stage widths (a ResNet has four stages)")
@@ -390,7 +390,8 @@ def check_stage(config: StageConfig) -> None:
         check(all(v > 0 for v in [*cnn.widths, *cnn.blocks]), "cnn.widths", cnn.widths, "must be positive")
 
 
-def _per_class(budget: str) -> int | None:
+def per_class_of(budget: int | str) -> int | None:
+    """Labels per class of a budget (``10`` or ``"10"``); ``None`` for ``all``."""
     return None if budget == BUDGET_ALL else int(budget)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from mpp.config import BUDGET_ALL, ConfigError, EvaluateConfig, to_dict
-from mpp.config.stages import at_budget
+from mpp.config.stages import at_budget, per_class_of
 from mpp.eval.baselines import cnn_budget, pixel_budget
 from mpp.eval.features import FeatureCache
 from mpp.eval.session import Session
@@ -77,8 +77,9 @@ def budget_dir(budget: int | str) -> str:
 
 def single_budget(config: EvaluateConfig, budget: int | str, output_dir: Path) -> EvaluateConfig:
     """``config`` as the one-budget evaluation the sweep runs for ``budget``, writing into ``output_dir``."""
-    per_class = None if budget == BUDGET_ALL else int(budget)
-    one = replace(config, budgets=None, labels_per_class=per_class, label_fraction=None, output_dir=str(output_dir))
+    one = replace(
+        config, budgets=None, labels_per_class=per_class_of(budget), label_fraction=None, output_dir=str(output_dir)
+    )
     return at_budget(one)  # the fine-tune recipe chosen for this budget (finetune_recipes), if there is one
 
 

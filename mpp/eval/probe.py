@@ -191,14 +191,15 @@ def cached_probe(
     settings = replace(settings, epochs=epochs, warmup_epochs=warmup)
     wds = list(settings.wd_sweep or [settings.weight_decay])
     grid = [(b, wd) for wd in wds for b in settings.blr_sweep]  # one head per (blr, weight decay)
+    lr_of = {b: absolute_lr(b, eff) for b in settings.blr_sweep}
     blrs = [b for b, _ in grid]
-    lrs = [absolute_lr(b, eff) for b in blrs]
+    lrs = [lr_of[b] for b in blrs]
     steps = epochs * (len(train_pos) // batch)
     say(
         f"  cached probe: {len(train_pos)} train / {len(val_y)} val features (val: {where}), "
         f"batch {eff}, {epochs} epochs (warmup {warmup:g}) = {steps} steps, LARS"
     )
-    say("  sweep: " + ", ".join(f"blr {b:g} -> lr {lr:.3g}" for b, lr in zip(settings.blr_sweep, lrs, strict=False)))
+    say("  sweep: " + ", ".join(f"blr {b:g} -> lr {lr:.3g}" for b, lr in lr_of.items()))
     if len(wds) > 1:
         say(f"  weight decays: {', '.join(f'{wd:g}' for wd in wds)} (each with every blr)")
     decays = [wd for _, wd in grid]
@@ -215,9 +216,12 @@ def cached_probe(
         {"blr": b, "weight_decay": wd, "lr": lr, "val_top1": v}
         for (b, wd), lr, v in zip(grid, lrs, val_top1, strict=True)
     ]
-    tag = (lambda s: f"blr {s['blr']:g}, wd {s['weight_decay']:g}") if len(wds) > 1 else (lambda s: f"blr {s['blr']:g}")
-    shown = [f"{tag(s)}: " + ("diverged" if s["val_top1"] is None else f"{s['val_top1']:.2f}%") for s in sweep]
-    say("  val top-1: " + ", ".join(shown) + f" -> {tag(sweep[best])}")
+
+    def tag(i: int) -> str:  # the weight decay is shown only when it was swept
+        return f"blr {blrs[i]:g}" + (f", wd {grid[i][1]:g}" if len(wds) > 1 else "")
+
+    shown = [f"{tag(i)}: " + ("diverged" if v is None else f"{v:.2f}%") for i, v in enumerate(val_top1)]
+    say("  val top-1: " + ", ".join(shown) + f" -> {tag(best)}")
     test_logits = head_logits(model, test_x)[best]
     entry = classification_metrics(test_logits, test_y, classes)
     entry.update(
@@ -234,8 +238,7 @@ def cached_probe(
         val_size=len(val_y),
         val_top1=val_top1[best],
     )
-    chosen = f"blr {blrs[best]:g}" + (f", wd {grid[best][1]:g}" if len(wds) > 1 else "")
-    entry["summary"] = f"cached, {chosen} chosen on val ({val_top1[best]:.2f}%), {epochs} ep, batch {eff}"
+    entry["summary"] = f"cached, {tag(best)} chosen on val ({val_top1[best]:.2f}%), {epochs} ep, batch {eff}"
     return entry
 
 

@@ -187,11 +187,15 @@ class CnnSettings:
     """The CNN-from-scratch baseline of the efficiency sweep (:class:`mpp.models.cnn.SmallImageResNet`).
 
     resnet18 is widths 64-512 with 2 blocks per stage; the default is a quarter of its width and half its depth, which
-    trains about 4x faster on a CPU. It trains with the ``finetune`` section's recipe.
+    trains about 4x faster on a CPU. It trains with the ``finetune`` section's recipe, at each base lr of
+    ``blr_sweep`` when it is set.
     """
 
     widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    # One CNN per base lr, the one best on validation kept (needs data.val_size): the ViT recipe's lr was chosen for
+    # the ViT, and a baseline trained at someone else's lr is a weak one. Empty: the fine-tune recipe's blr alone.
+    blr_sweep: list[float] = field(default_factory=list)
 
 
 BASELINES = ("pixels", "cnn")
@@ -388,6 +392,10 @@ def check_stage(config: StageConfig) -> None:
         check(len(cnn.widths) == 4, "cnn.widths", cnn.widths, "needs four stage widths (a ResNet has four stages)")
         check(len(cnn.blocks) == 4, "cnn.blocks", cnn.blocks, "needs four block counts (a ResNet has four stages)")
         check(all(v > 0 for v in [*cnn.widths, *cnn.blocks]), "cnn.widths", cnn.widths, "must be positive")
+        check(all(v > 0 for v in cnn.blr_sweep), "cnn.blr_sweep", cnn.blr_sweep, "must be positive")
+        needs_val = bool(cnn.blr_sweep) and "cnn" in getattr(config, "baselines", [])
+        check(not needs_val or bool(config.data.val_size), "cnn.blr_sweep", cnn.blr_sweep,
+              "chooses on validation images: set data.val_size")  # fmt: skip
 
 
 def per_class_of(budget: int | str) -> int | None:

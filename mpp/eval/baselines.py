@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from mpp.eval.labels import carve_features
 from mpp.eval.metrics import classification_metrics
 from mpp.eval.session import Session
 from mpp.models.cnn import SmallImageResNet
+from mpp.runtime import check_output_dir
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # on standardised pixels, per image (the loss is a mean over images)
 
@@ -153,17 +155,34 @@ def cnn_budget(
     """A small-image ResNet trained from scratch on the budget's labelled images with the fine-tune recipe.
 
     Same images, augmentation, optimiser steps and schedule as the ViT's ``finetune`` (``config.finetune``); one lr
-    for every layer (no layer decay); widths and blocks from ``config.cnn``.
+    for every layer (no layer decay); widths and blocks from ``config.cnn``. With ``cnn.blr_sweep`` one CNN trains per
+    base lr (in ``run_dir/blr<value>``) and the one best on the validation images is reported, each lr's validation
+    top-1 beside it.
     """
-    session.reseed()
     f, c = config.finetune, config.cnn
     splits = session.splits(finetune_augmentation(session.encoder, session.mean, session.std, f), config=config)
-    model = SmallImageResNet(splits.num_classes, session.encoder.in_chans, c.widths, c.blocks, f.drop_path_rate)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    session.say(f"cnn: ResNet {c.widths} x {c.blocks} blocks, {params:.2f}M parameters, {session.data_line(splits)}")
     session.save_config(splits, run_dir=run_dir, config=config)
-    entries, _ = finetune(config, model, splits, session.accelerator, run_dir, session.say)  # type: ignore[arg-type]
+
+    def build() -> SmallImageResNet:
+        return SmallImageResNet(splits.num_classes, session.encoder.in_chans, c.widths, c.blocks, f.drop_path_rate)
+
+    params = sum(p.numel() for p in build().parameters()) / 1e6  # built before the reseed: draws nothing used below
     desc = f"ResNet from scratch (small-image stem, widths {c.widths}, blocks {c.blocks}, {params:.2f}M)"
+    session.say(f"cnn: {desc}\n{session.data_line(splits)}")
+    tried: dict[str, dict[str, Any]] = {}
+    for blr in c.blr_sweep or [f.blr]:
+        session.reseed()  # every lr from the same initialisation and batches: only the lr differs
+        where = check_output_dir(run_dir / f"blr{blr:g}") if c.blr_sweep else run_dir
+        if c.blr_sweep:
+            session.say(f"cnn: blr {blr:g}")
+        one = replace(config, finetune=replace(f, blr=blr))
+        tried[f"{blr:g}"], _ = finetune(one, build(), splits, session.accelerator, where, session.say)  # type: ignore[arg-type]
+    chosen = max(tried, key=lambda b: tried[b]["finetune"].get("val_top1") or 0.0)  # one entry without a sweep
+    entries = tried[chosen]
+    if c.blr_sweep:
+        val = {b: e["finetune"].get("val_top1") for b, e in tried.items()}
+        entries["finetune"] |= {"blr": float(chosen), "val_top1_by_blr": val}
+        session.say(f"cnn: blr {chosen} chosen on validation ({', '.join(f'{b}: {v:.2f}%' for b, v in val.items())})")
     session.write_results(
         splits,
         "avg",
@@ -171,7 +190,7 @@ def cnn_budget(
         run_dir=run_dir,
         init="scratch",
         variant="resnet",
-        encoder=dict(model.config),
+        encoder={"widths": list(c.widths), "blocks": list(c.blocks), "in_chans": session.encoder.in_chans},
         encoder_desc=desc,
     )
     return run_dir

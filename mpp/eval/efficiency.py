@@ -26,15 +26,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from PIL import Image, ImageDraw
 
-from mpp.config import BUDGET_ALL, ConfigError, EvaluateConfig, to_dict
+from mpp.config import BUDGET_ALL, ConfigError, EvaluateConfig, from_dict, to_dict
 from mpp.config.stages import at_budget, per_class_of
 from mpp.eval.baselines import cnn_budget, pixel_budget
 from mpp.eval.features import FeatureCache
 from mpp.eval.session import Session
 from mpp.models.registry import MODEL_CONFIGS
-from mpp.runtime import atomic_save_image, atomic_write_json, atomic_write_text, check_output_dir, write_config
+from mpp.runtime import (
+    atomic_save_image,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    read_config,
+    write_config,
+)
 from mpp.viz.text import pil_font, text_size
 
 RunBudget = Callable[[Session, EvaluateConfig, Path, FeatureCache, str | None], Path]
@@ -81,6 +89,36 @@ def single_budget(config: EvaluateConfig, budget: int | str, output_dir: Path) -
         config, budgets=None, labels_per_class=per_class_of(budget), label_fraction=None, output_dir=str(output_dir)
     )
     return at_budget(one)  # the fine-tune recipe chosen for this budget (finetune_recipes), if there is one
+
+
+# Settings a finished run is reused across: how it reports, and the sweep's own plan (which budgets, seeds and
+# baselines run; each run's budget, seed and fine-tune recipe are in its own settings and are compared).
+NOT_MEASURED = ("progress", "budgets", "compare_random", "scratch_init", "baselines", "label_seeds", "seeded_budgets",
+                "finetune_recipes")  # fmt: skip
+
+
+def finished_run(where: Path, config: EvaluateConfig, ignore: tuple[str, ...] = NOT_MEASURED) -> bool:
+    """Whether ``where`` holds a finished run (results.json) of exactly ``config``, so a re-run sweep can reuse it.
+
+    A sweep at several budgets and label seeds takes hours on a CPU; run again with the same ``output_dir`` it goes on
+    where it stopped, and a new budget, seed or baseline adds to the finished runs. The run's saved config.yaml must
+    equal ``config`` in every top-level setting but ``ignore`` (the encoder's path, labels, every protocol's recipe
+    are compared); a setting added to mpp after the run was saved counts at its default, which keeps the old
+    behaviour. A run cut before its results.json, or one made with other settings, runs again. The encoder file itself
+    is not compared: a sweep over an encoder retrained at the same path needs a new ``output_dir``.
+    """
+    if not (where / "results.json").is_file() or not (where / "config.yaml").is_file():
+        return False
+    try:
+        saved = from_dict(type(config), read_config(where / "config.yaml"))
+    except ConfigError:  # unreadable, or a setting mpp no longer has
+        return False
+    # Through YAML, as config.yaml holds them: tuples become lists and the like.
+    saved_dict, wanted = (yaml.safe_load(yaml.safe_dump(to_dict(c), sort_keys=False)) for c in (saved, config))
+    for key in ignore:
+        saved_dict.pop(key, None)
+        wanted.pop(key, None)
+    return saved_dict == wanted
 
 
 def check_budgets(session: Session) -> None:
@@ -253,7 +291,11 @@ def sweep(session: Session, run_budget: RunBudget) -> Path:
                 run_config = single_budget(contender.config, budget, where)  # type: ignore[arg-type]
                 if seed is not None:
                     run_config = replace(run_config, label_seed=seed)
-                run_dir = runner(contender, run_config, where, cache, probe_skip(run_config, budget))
+                if finished_run(where, run_config, NOT_MEASURED + (() if role == "cnn" else ("cnn",))):
+                    session.say(f"efficiency: {ROLE_NAMES[role]}: {where} finished with these settings; reused")
+                    run_dir = where
+                else:
+                    run_dir = runner(contender, run_config, where, cache, probe_skip(run_config, budget))
                 if session.main:
                     last = results = json.loads((run_dir / "results.json").read_text())
                     points.append(budget_point(budget, results, run_dir, out))

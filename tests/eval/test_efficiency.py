@@ -2,6 +2,7 @@
 baseline, the feature cache, and single-budget evaluation left as it was."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,14 +12,15 @@ from PIL import Image
 
 import mpp
 from mpp.cli import main as cli_main
-from mpp.config import ConfigError, EvaluateConfig, build_config
+from mpp.config import ConfigError, EvaluateConfig, build_config, from_dict
 from mpp.config.stages import parse_budgets
 from mpp.data.transforms import eval_transform
-from mpp.eval.efficiency import COLOURS, best_of
+from mpp.eval.efficiency import COLOURS, best_of, finished_run
 from mpp.eval.features import FeatureCache, extract_split_features
 from mpp.eval.session import build_splits, open_encoder
 from mpp.formats.native import save_encoder
 from mpp.models.classifier import ViTClassifier
+from mpp.runtime import read_config
 
 MICRO = "mae_vit_micro_patch4"  # 64-d, 2 blocks, 28x28 grey
 RANDOM = ["init=random", f"model={MICRO}"]
@@ -137,6 +139,27 @@ def test_small_budgets_over_label_seeds_report_mean_and_spread(tmp_path, encoder
     subsets = [json.loads((out / f"mae/2_per_class/labels{s}/results.json").read_text())["labels"] for s in (0, 1, 2)]
     assert [s["label_seed"] for s in subsets] == [0, 1, 2] and "top1_by_seed" not in whole  # "all" has one subset
     assert "±" in (out / "efficiency.md").read_text()
+
+    # Run again into the same directory: finished runs are reused, a run cut before its results.json runs again.
+    marked = out / "mae/2_per_class/labels0/results.json"
+    results = json.loads(marked.read_text())
+    results["protocols"]["knn"]["top1"] = 12.5  # a reused run is read back, not measured again
+    marked.write_text(json.dumps(results))
+    (out / "mae/2_per_class/labels1/results.json").unlink()
+    assert cli_main([a.replace("label_seeds=[0,1,2]", "label_seeds=[0,1,2,3]") for a in args]) == 0
+    again = json.loads((out / "efficiency.json").read_text())["encoders"]["mae"]["results"][0]["top1_by_seed"]["knn"]
+    assert again[:3] == [12.5, knn[1], knn[2]]  # seed 0 reused; seed 1 measured again, to the same figure
+    assert len(again) == 4  # a seed added to the sweep is measured; the others are not
+    assert (out / "mae/2_per_class/labels1/results.json").is_file()
+    done = out / "mae/2_per_class/labels2"
+    saved = from_dict(EvaluateConfig, read_config(done / "config.yaml"))
+    assert finished_run(done, replace(saved, progress=True))  # how a run reports is not what it measures
+    older = yaml.safe_load((done / "config.yaml").read_text())
+    del older["knn"]["query_chunk"]  # saved before mpp had the setting: it counts at its default
+    (done / "config.yaml").write_text(yaml.safe_dump(older))
+    assert finished_run(done, saved)
+    other = replace(saved, knn=replace(saved.knn, k=saved.knn.k + 1))
+    assert not finished_run(done, other)  # another setting: measured again
 
 
 def test_sweep_table_and_plot(sweep_dir):
@@ -292,3 +315,22 @@ def test_budget_recipes_replace_the_fine_tune_section_but_keep_semi(tmp_path):
                        (f"{{10: {tmp_path / 'none.yaml'}}}", "does not exist")):  # fmt: skip
         with pytest.raises(ConfigError, match=shown):
             build_config(EvaluateConfig, None, [*base, f"finetune_recipes={bad}"])
+
+
+def test_cnn_lr_is_chosen_on_validation(tmp_path, encoder_run, capsys):
+    out, lone = tmp_path / "sweep", tmp_path / "lone"
+    common = [*SYNTH, "budgets=4", "compare_random=false", "baselines=cnn", "data.val_size=8"]
+    assert cli_main(["evaluate", str(encoder_run), *common, "cnn.blr_sweep=[1e-5,1e-2]", f"output_dir={out}"]) == 0
+    cnn = json.loads((out / "cnn/4_per_class/results.json").read_text())["protocols"]["finetune"]
+    by_blr = cnn["val_top1_by_blr"]
+    assert set(by_blr) == {"1e-05", "0.01"} and cnn["val_top1"] == max(by_blr.values())
+    assert cnn["blr"] == float(max(by_blr, key=by_blr.get))
+    # Each lr starts from the same weights and batches: the chosen one is a lone run at that lr.
+    assert cli_main(["evaluate", str(encoder_run), *common, f"finetune.blr={cnn['blr']}", f"output_dir={lone}"]) == 0
+    alone = json.loads((lone / "cnn/4_per_class/results.json").read_text())["protocols"]["finetune"]
+    assert (alone["top1"], alone["val_top1"]) == (cnn["top1"], cnn["val_top1"])
+    no_val = [a for a in common if not a.startswith("data.val_size")]
+    refused = tmp_path / "refused"
+    assert cli_main(["evaluate", str(encoder_run), *no_val, "cnn.blr_sweep=[1e-3]", f"output_dir={refused}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cnn.blr_sweep" in err and "data.val_size" in err and not refused.exists()

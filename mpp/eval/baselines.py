@@ -155,9 +155,9 @@ def cnn_budget(
     """A small-image ResNet trained from scratch on the budget's labelled images with the fine-tune recipe.
 
     Same images, augmentation, optimiser steps and schedule as the ViT's ``finetune`` (``config.finetune``); one lr
-    for every layer (no layer decay); widths and blocks from ``config.cnn``. With ``cnn.blr_sweep`` one CNN trains per
-    base lr (in ``run_dir/blr<value>``) and the one best on the validation images is reported, each lr's validation
-    top-1 beside it.
+    for every layer (no layer decay); widths and blocks from ``config.cnn``. With ``cnn.blr_sweep`` (at budgets up to
+    ``cnn.blr_sweep_max_per_class``) one CNN trains per base lr (in ``run_dir/blr<value>``) and the one best on the
+    validation images is reported, each lr's validation top-1 beside it.
     """
     f, c = config.finetune, config.cnn
     splits = session.splits(finetune_augmentation(session.encoder, session.mean, session.std, f), config=config)
@@ -170,16 +170,18 @@ def cnn_budget(
     desc = f"ResNet from scratch (small-image stem, widths {c.widths}, blocks {c.blocks}, {params:.2f}M)"
     session.say(f"cnn: {desc}\n{session.data_line(splits)}")
     tried: dict[str, dict[str, Any]] = {}
-    for blr in c.blr_sweep or [f.blr]:
+    cap, per_class = c.blr_sweep_max_per_class, config.labels_per_class
+    sweep = c.blr_sweep if cap is None or (per_class is not None and per_class <= cap) else []
+    for blr in sweep or [f.blr]:
         session.reseed()  # every lr from the same initialisation and batches: only the lr differs
-        where = check_output_dir(run_dir / f"blr{blr:g}") if c.blr_sweep else run_dir
-        if c.blr_sweep:
+        where = check_output_dir(run_dir / f"blr{blr:g}") if sweep else run_dir
+        if sweep:
             session.say(f"cnn: blr {blr:g}")
         one = replace(config, finetune=replace(f, blr=blr))
         tried[f"{blr:g}"], _ = finetune(one, build(), splits, session.accelerator, where, session.say)  # type: ignore[arg-type]
     chosen = max(tried, key=lambda b: tried[b]["finetune"].get("val_top1") or 0.0)  # one entry without a sweep
     entries = tried[chosen]
-    if c.blr_sweep:
+    if sweep:
         val = {b: e["finetune"].get("val_top1") for b, e in tried.items()}
         entries["finetune"] |= {"blr": float(chosen), "val_top1_by_blr": val}
         session.say(f"cnn: blr {chosen} chosen on validation ({', '.join(f'{b}: {v:.2f}%' for b, v in val.items())})")

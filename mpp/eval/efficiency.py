@@ -91,10 +91,11 @@ def single_budget(config: EvaluateConfig, budget: int | str, output_dir: Path) -
     return at_budget(one)  # the fine-tune recipe chosen for this budget (finetune_recipes), if there is one
 
 
-# Settings a finished run is reused across: how it reports, and the sweep's own plan (which budgets, seeds and
-# baselines run; each run's budget, seed and fine-tune recipe are in its own settings and are compared).
-NOT_MEASURED = ("progress", "budgets", "compare_random", "scratch_init", "baselines", "label_seeds", "seeded_budgets",
-                "finetune_recipes")  # fmt: skip
+# Settings a finished run is reused across: how it reports, where the sweep was given (a relative or an absolute
+# path to the same run), and the sweep's plan (which budgets, seeds and baselines run; each run's budget, seed and
+# fine-tune recipe are in its own settings and are compared).
+NOT_MEASURED = ("progress", "output_dir", "budgets", "compare_random", "scratch_init", "baselines", "label_seeds",
+                "seeded_budgets", "finetune_recipes")  # fmt: skip
 
 
 def finished_run(where: Path, config: EvaluateConfig, ignore: tuple[str, ...] = NOT_MEASURED) -> bool:
@@ -295,6 +296,10 @@ def sweep(session: Session, run_budget: RunBudget) -> Path:
                     session.say(f"efficiency: {ROLE_NAMES[role]}: {where} finished with these settings; reused")
                     run_dir = where
                 else:
+                    # A finished run with other settings is measured again; its old results must not outlive the new
+                    # config.yaml if this run is cut too (they would be read back as this run's).
+                    if session.main:
+                        (where / "results.json").unlink(missing_ok=True)
                     run_dir = runner(contender, run_config, where, cache, probe_skip(run_config, budget))
                 if session.main:
                     last = results = json.loads((run_dir / "results.json").read_text())

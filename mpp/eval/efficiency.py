@@ -519,12 +519,15 @@ def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560)
     img = Image.new("RGB", (width * s, height * s), "white")
     draw = ImageDraw.Draw(img)
     title_font, font, small = pil_font(18 * s), pil_font(14 * s), pil_font(12 * s)
-    left, right, top, bottom = 76 * s, (width - 230) * s, 52 * s, (height - 66) * s
     ticks = _x_ticks(report)
     lines_drawn = [
         (p, role, [(pt["labels_per_class"], pt["top1"].get(p)) for pt in report["encoders"][role]["results"]])
         for role, p in curves(report)
     ]
+    names = [f"{ROLE_NAMES[role]} {protocol_name(protocol)}" for protocol, role, _ in lines_drawn]
+    # The legend is as wide as its longest name (sample line and gaps: 70 px), so no name is cut at the edge.
+    legend = max([text_size(draw, name, small)[0] for name in names] + [160 * s]) + 70 * s
+    left, right, top, bottom = 76 * s, width * s - legend, 52 * s, (height - 66) * s
     ys = [y for _, _, pts in lines_drawn for _, y in pts if y is not None]
     ys += [
         v
@@ -571,10 +574,9 @@ def draw_efficiency(report: dict[str, Any], width: int = 960, height: int = 560)
                 draw.line([(x, py(min(seen))), (x, py(max(seen)))], fill=colours[(role, protocol)], width=2 * s)
     # Legend beside the plot, one entry per curve.
     lx, ly = right + 20 * s, top
-    for protocol, role, _ in lines_drawn:
+    for (protocol, role, _), name in zip(lines_drawn, names, strict=True):
         sample, middle = [(lx, ly + 10 * s), (lx + 40 * s, ly + 10 * s)], [(lx + 20 * s, ly + 10 * s)]
         _series_line(draw, sample, colours[(role, protocol)], role != "mae", s, middle)
-        name = f"{ROLE_NAMES[role]} {protocol_name(protocol)}"
         draw.text((lx + 50 * s, ly + 2 * s), name, fill="black", font=small)
         ly += 26 * s
     title = f"Data efficiency: {report['variant']} on {report['dataset']}"

@@ -43,6 +43,7 @@ def last_monitor(run_dir: Path) -> dict:
     losses = [r["loss"] for r in records if "loss" in r]
     out = dict(monitor[-1]) if monitor else {}
     out["final_loss"] = round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None
+    out["steps"] = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
     return out
 
 
@@ -63,10 +64,12 @@ def evaluate(init: str, out: Path, labels: int | None, pool: str, extra: list[st
            f"output_dir={out}", "progress=false", *budget, *extra]  # fmt: skip
     subprocess.run(cmd, check=True)
     results = json.loads((out / "results.json").read_text())["protocols"]
-    out = {"knn": results["knn"]["top1"], "probe": results["probe"]["top1"]}
-    for name in ("knn", "probe"):
-        if results[name].get("val_top1") is not None:
-            out[f"{name}_val"] = results[name]["val_top1"]
+    out = {}
+    for name, protocol in results.items():  # knn, probe, and knn_tokens / probe_tokens for the recipe's readouts
+        if isinstance(protocol, dict) and "top1" in protocol:
+            out[name] = protocol["top1"]
+            if protocol.get("val_top1") is not None:
+                out[f"{name}_val"] = protocol["val_top1"]
     return out
 
 
@@ -121,13 +124,16 @@ def main() -> int:
         out_path.write_text(json.dumps(table, indent=1))
         print(json.dumps({key: row}), flush=True)
     print(f"\nCPU: {table['cpu']}\n")
-    print("| row | overrides | minutes | loss | monitor kNN tok / avg | kNN val (test) | probe val (test) | labels |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("| row | overrides | minutes | steps | loss | monitor kNN tok / avg | kNN val (test) | probe val (test) "
+          "| probe on the token map val (test) | labels |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for key, r in table["rows"].items():
         mon = f"{r.get('knn_token', '-')} / {r.get('knn_avg', '-')}"
+        tokens = shown(r, "probe_tokens") if "probe_tokens" in r else "-"
         print(
-            f"| {key.split('@')[0]} | `{' '.join(r['overrides'])}` | {r['minutes']} | {r.get('final_loss', '-')} | "
-            f"{mon} | {shown(r, 'knn')} | {shown(r, 'probe')} | {r['labels_per_class']}, {r['pool']} |"
+            f"| {key.split('@')[0]} | `{' '.join(r['overrides'])}` | {r['minutes']} | {r.get('steps', '-')} | "
+            f"{r.get('final_loss', '-')} | {mon} | {shown(r, 'knn')} | {shown(r, 'probe')} | {tokens} | "
+            f"{r['labels_per_class']}, {r['pool']} |"
         )
     return 0
 

@@ -10,7 +10,9 @@ applied): ``qk_scale=None, `` removed from the ``Block`` calls (timm dropped the
 ``np.float64`` (numpy removed the alias). Without ``--official`` that column is skipped with a note. The official
 ``patchify`` hard-codes 3 channels, so its column is n/a on 1-channel cases.
 
-On CUDA the step runs under bf16 autocast (the GPU default); on the CPU in fp32.
+On CUDA the step runs under bf16 autocast (the GPU default); on the CPU in fp32, plus a column ``mpp auto``: mpp at the
+precision ``mixed_precision=auto`` picks on this CPU (its trial on the case's batch, as ``mpp pretrain`` runs it), so
+the speed a user gets by default is set against the official code in fp32 at the same batch.
 
     .venv/bin/python benchmarks/bench_pretrain_step.py [--official ~/src/mae] [--cases vit_tiny_32px,vit_base_224px]
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib.util
 import statistics
 import sys
@@ -34,6 +37,7 @@ from machine import publish
 
 import mpp
 from mpp.formats.hf import hf_config_kwargs, mpp_to_hf
+from mpp.train.precision import choose_cpu_precision
 
 CASES = {
     # name: (variant, overrides, batch)
@@ -158,25 +162,44 @@ def run_case(name: str, variant: str, overrides: dict, batch: int, repeats: int,
     models["hf"] = (build_hf(ours), make_step_hf(ours.num_patches))
     models = {k: (m.to(device), call) for k, (m, call) in models.items()}
     imgs = torch.randn(batch, ours.in_chans, *ours.img_size, device=device)
-    autocast = device.type == "cuda"
-    with torch.no_grad():
-        losses = {k: call(m, imgs, torch.tensor(1)).item() for k, (m, call) in models.items()}
-    for m, call in models.values():  # warm-up
-        time_steps(m, imgs, call, 2, autocast)
+    autocast = dict.fromkeys(models, device.type == "cuda")
+    auto = None
+    if device.type == "cpu":
+        auto = auto_precision(ours, imgs)
+        notes.append(f"mpp auto: {auto['reason']}")
+        if auto["precision"] == "bf16":
+            models["mpp auto"] = (copy.deepcopy(ours), step_mpp)
+            autocast["mpp auto"] = True
+    losses = {}
+    for k, (m, call) in models.items():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast[k]):
+            losses[k] = call(m, imgs, torch.tensor(1)).item()
+    for k, (m, call) in models.items():  # warm-up
+        time_steps(m, imgs, call, 2, autocast[k])
     times: dict[str, list[float]] = {k: [] for k in models}
     names = list(models)
     for r in range(repeats):  # interleaved, and each implementation takes each place in the order in turn
         for k in names[r % len(names) :] + names[: r % len(names)]:
             m, call = models[k]
-            times[k] += time_steps(m, imgs, call, 1, autocast)
+            times[k] += time_steps(m, imgs, call, 1, autocast[k])
     median = {k: statistics.median(t) for k, t in times.items()}
+    if auto is not None and "mpp auto" not in median:  # auto kept fp32: the mpp column is what it runs
+        median["mpp auto"], losses["mpp auto"] = median["mpp"], losses["mpp"]
+    same_precision = [k for k in losses if k != "mpp auto"]  # bf16 rounds: its loss is compared on its own
     return {
         "case": name, "variant": variant, "overrides": overrides, "batch": batch, "repeats": repeats,
-        "precision": "bf16" if autocast else "fp32", "notes": notes,
+        "precision": "bf16" if device.type == "cuda" else "fp32", "notes": notes, "auto": auto,
         "step_s": median, "images_per_s": {k: batch / t for k, t in median.items()},
         "speed_mpp_over": {k: median[k] / median["mpp"] for k in median if k != "mpp"},
-        "loss": losses, "loss_max_abs_diff": max(abs(v - losses["mpp"]) for v in losses.values()),
+        "loss": losses, "loss_max_abs_diff": max(abs(losses[k] - losses["mpp"]) for k in same_precision),
     }  # fmt: skip
+
+
+def auto_precision(model: torch.nn.Module, imgs: torch.Tensor) -> dict:
+    """What ``mixed_precision=auto`` picks for ``model`` on this CPU, by the trial ``mpp pretrain`` runs (its batch)."""
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0))
+    precision, reason, ratio = choose_cpu_precision(model, lambda: model(imgs, noise=noise).loss)
+    return {"precision": "bf16" if precision == "bf16" else "fp32", "reason": reason, "trial_ratio": ratio}
 
 
 def pick_cases(spec: str) -> list[str]:
@@ -188,14 +211,20 @@ def pick_cases(spec: str) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| case | batch | precision | mpp img/s | official img/s | HF img/s | mpp / official | mpp / HF | loss diff"
-    lines = [head + " |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = ("| case | batch | precision | mpp img/s | official img/s | HF img/s | mpp / official | mpp / HF "
+            "| loss diff | mpp auto | auto img/s | auto / official fp32")  # fmt: skip
+    lines = [head + " |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in rows:
-        ips, ratio = r["images_per_s"], r["speed_mpp_over"]
+        ips, step = r["images_per_s"], r["step_s"]
         off = f"{ips['official']:.1f}" if "official" in ips else "n/a"
-        off_ratio = f"**{ratio['official']:.2f}x**" if "official" in ratio else "n/a"
+        off_ratio = f"**{step['official'] / step['mpp']:.2f}x**" if "official" in step else "n/a"
+        auto = ["-", "-", "-"]
+        if "mpp auto" in step:
+            vs_official = f"**{step['official'] / step['mpp auto']:.2f}x**" if "official" in step else "n/a"
+            auto = [r["auto"]["precision"], f"{ips['mpp auto']:.1f}", vs_official]
         lines.append(f"| {r['case']} | {r['batch']} | {r['precision']} | {ips['mpp']:.1f} | {off} | {ips['hf']:.1f} | "
-                     f"{off_ratio} | {ratio['hf']:.2f}x | {r['loss_max_abs_diff']:.1e} |")  # fmt: skip
+                     f"{off_ratio} | {step['hf'] / step['mpp']:.2f}x | {r['loss_max_abs_diff']:.1e} | "
+                     f"{' | '.join(auto)} |")  # fmt: skip
     return "\n".join(lines)
 
 

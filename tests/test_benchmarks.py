@@ -17,7 +17,8 @@ def test_step_benchmark_cpu_path_without_the_official_checkout(tmp_path, capsys)
     bench_pretrain_step.main(["--cases", "micro_16px", "--repeats", "1", "--device", "cpu", "--out", str(out)])
     report = json.loads(out.read_text())
     (row,) = report["results"]
-    assert row["notes"] == ["official: skipped (no --official DIR)"] and set(row["images_per_s"]) == {"mpp", "hf"}
+    assert row["notes"][0] == "official: skipped (no --official DIR)" and row["notes"][1].startswith("mpp auto: ")
+    assert set(row["images_per_s"]) == {"mpp", "hf", "mpp auto"} and row["auto"]["precision"] in ("fp32", "bf16")
     assert row["loss_max_abs_diff"] < 1e-5 and row["loss"]["mpp"] > 0
     assert "| micro_16px | 8 | fp32 |" in capsys.readouterr().out and report["env"]["device"] == "cpu"
 

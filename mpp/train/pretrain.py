@@ -188,7 +188,7 @@ def run_precision(
         return "no", "fp32: several CPU processes (the bf16 trial runs for one)"
     from mpp.train.precision import choose_cpu_precision
 
-    count = min(32, len(data.plain))
+    count = min(config.optim.batch_size, len(data.plain))  # the run's own batch: small ones hide bf16's gain
     imgs = torch.stack([data.plain[i][0] for i in range(count)])
     noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(config.seed))
     precision, reason, _ = choose_cpu_precision(model, lambda: model(imgs, noise=noise).loss)

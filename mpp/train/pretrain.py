@@ -414,7 +414,10 @@ def masked_loss(accelerator: Accelerator) -> Callable[[torch.nn.Module, Any], to
 
 
 # Why compile=None means eager on a CPU (docs/benchmarks.md, "torch.compile on the CPU").
-CPU_COMPILE_NOTE = "measured 0.95-0.97x eager on an AVX2 CPU in fp32, never paying back its compile time"
+CPU_COMPILE_NOTE = (
+    "measured 0.95-0.97x eager on an AVX2 EPYC, never paying back; 1.08-1.17x on an AVX-512 BF16 EPYC after 40-65 s "
+    "of compiling, worth it only in runs of 15+ minutes"
+)
 
 
 def maybe_compile(
@@ -428,7 +431,9 @@ def maybe_compile(
     """``torch.compile`` (on by default with CUDA) after a trial step on the epoch's first batch, else ``model``.
 
     Off by default on CPUs: ``benchmarks/bench_compile.py`` measured inductor's step at 0.97x eager (tiny, 28 px) and
-    0.95x (ViT-B/16) on an AVX2 EPYC in fp32, after 66-101 s of compiling, so it never pays back there.
+    0.95x (ViT-B/16) on an AVX2 EPYC in fp32, after 66-101 s of compiling, so it never pays back there; on an AVX-512
+    BF16 EPYC 1.08-1.17x (ViT-T, fp32 and bf16), paying back after 5-15 minutes. CPUs differ, and a trial would cost the
+    compile itself, so the default stays eager and ``compile=true`` is the switch for long runs on such machines.
     """
     if config.compile is None and accelerator.device.type != "cuda":
         accelerator.print(f"  torch.compile: off on the CPU ({CPU_COMPILE_NOTE}); compile=true turns it on")

@@ -95,6 +95,9 @@ def main() -> int:
     parser.add_argument("--model", default="mae_vit_tiny_patch4", help="architecture of the 'random' row")
     parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation (0: none)")
     parser.add_argument("--out", default="benchmarks/results/ablation_fmnist.json")
+    parser.add_argument(
+        "--eval", action="append", default=[], help="an override for every row's evaluation, e.g. probe.wd_sweep=[0]"
+    )
     args = parser.parse_args()
     out_path = Path(args.out)
     table = json.loads(out_path.read_text()) if out_path.is_file() else {"cpu": cpu_name(), "rows": {}}
@@ -107,7 +110,7 @@ def main() -> int:
         if name == "random":
             row = {"base": None, "overrides": [], "minutes": 0.0}
             row.update(evaluate("random", run_dir / key.replace("/", "_"), args.labels, args.pool,
-                                [f"model={args.model}", *val]))  # fmt: skip
+                                [f"model={args.model}", *val, *args.eval]))  # fmt: skip
         else:
             minutes = pretrain(args.base, overrides, run_dir, val)
             row = {"base": args.base, "overrides": overrides}
@@ -117,8 +120,8 @@ def main() -> int:
                 row.update(knn=float("nan"), probe=float("nan"))
             else:
                 eval_dir = run_dir / f"eval_{key.split('@')[1].replace('/', '_')}"
-                row.update(evaluate(str(run_dir), eval_dir, args.labels, args.pool, val))
-        row.update(labels_per_class=args.labels or "all", pool=args.pool)
+                row.update(evaluate(str(run_dir), eval_dir, args.labels, args.pool, [*val, *args.eval]))
+        row.update(labels_per_class=args.labels or "all", pool=args.pool, eval_overrides=args.eval)
         table["rows"][key] = row
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(table, indent=1))

@@ -148,7 +148,7 @@ def time_steps(model: torch.nn.Module, imgs: torch.Tensor, call: Step, repeats: 
 
 
 def run_case(name: str, variant: str, overrides: dict, batch: int, repeats: int, official: types.ModuleType | None,
-             device: torch.device) -> dict:  # fmt: skip
+             device: torch.device, compiled: bool = False) -> dict:  # fmt: skip
     torch.manual_seed(0)
     ours = mpp.create_model(variant, norm_pix_loss=True, **overrides)
     models: dict[str, tuple[torch.nn.Module, Step]] = {"mpp": (ours, step_mpp)}
@@ -170,6 +170,9 @@ def run_case(name: str, variant: str, overrides: dict, batch: int, repeats: int,
         if auto["precision"] == "bf16":
             models["mpp auto"] = (copy.deepcopy(ours), step_mpp)
             autocast["mpp auto"] = True
+        if compiled:  # `auto` plus compile=true: the most a user can switch on here (the warm-up below compiles it)
+            models["mpp auto compiled"] = (torch.compile(copy.deepcopy(ours)), step_mpp)
+            autocast["mpp auto compiled"] = auto["precision"] == "bf16"
     losses = {}
     for k, (m, call) in models.items():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast[k]):
@@ -185,7 +188,7 @@ def run_case(name: str, variant: str, overrides: dict, batch: int, repeats: int,
     median = {k: statistics.median(t) for k, t in times.items()}
     if auto is not None and "mpp auto" not in median:  # auto kept fp32: the mpp column is what it runs
         median["mpp auto"], losses["mpp auto"] = median["mpp"], losses["mpp"]
-    same_precision = [k for k in losses if k != "mpp auto"]  # bf16 rounds: its loss is compared on its own
+    same_precision = [k for k in losses if not k.startswith("mpp auto")]  # bf16 rounds: its loss is compared on its own
     return {
         "case": name, "variant": variant, "overrides": overrides, "batch": batch, "repeats": repeats,
         "precision": "bf16" if device.type == "cuda" else "fp32", "notes": notes, "auto": auto,
@@ -222,6 +225,8 @@ def table(rows: list[dict]) -> str:
         if "mpp auto" in step:
             vs_official = f"**{step['official'] / step['mpp auto']:.2f}x**" if "official" in step else "n/a"
             auto = [r["auto"]["precision"], f"{ips['mpp auto']:.1f}", vs_official]
+        if "mpp auto compiled" in step and "official" in step:
+            auto[2] += f" ({step['official'] / step['mpp auto compiled']:.2f}x compiled)"
         lines.append(f"| {r['case']} | {r['batch']} | {r['precision']} | {ips['mpp']:.1f} | {off} | {ips['hf']:.1f} | "
                      f"{off_ratio} | {step['hf'] / step['mpp']:.2f}x | {r['loss_max_abs_diff']:.1e} | "
                      f"{' | '.join(auto)} |")  # fmt: skip
@@ -236,13 +241,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/pretrain_step.json")
+    parser.add_argument("--compile", action="store_true", help="also time mpp at `auto` under torch.compile (CPU)")
     args = parser.parse_args(argv)
     names = pick_cases(args.cases) if not args.quick else ["tiny_fmnist_28px", "vit_tiny_32px"]
     official = load_official(args.official.expanduser()) if args.official else None
     if official is None:
         print("note: no --official DIR given: the official MAE column is skipped")
     repeats = 3 if args.quick else args.repeats
-    rows = [run_case(n, *CASES[n], repeats=repeats, official=official, device=torch.device(args.device)) for n in names]
+    device = torch.device(args.device)
+    rows = [
+        run_case(n, *CASES[n], repeats=repeats, official=official, device=device, compiled=args.compile) for n in names
+    ]
     publish(args.out, rows, table(rows), transformers=transformers.__version__, mpp=mpp.__version__, device=args.device)
 
 

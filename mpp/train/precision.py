@@ -63,7 +63,8 @@ def time_both(step: Callable[[], torch.Tensor], steps: int = TRIAL_STEPS) -> tup
     The two precisions alternate (fp32 first, then bf16 first, ...), so a neighbour's burst on a shared machine
     slows both alike; medians drop the odd slow step (single-step readings here vary by +-20%).
     """
-    _one_step(step, False), _one_step(step, True)
+    for bf16 in (False, True):  # untimed: first calls pay for allocation and kernel selection
+        _one_step(step, bf16)
     times: dict[bool, list[float]] = {False: [], True: []}
     for i in range(steps):
         for bf16 in (False, True) if i % 2 == 0 else (True, False):

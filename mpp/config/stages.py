@@ -197,8 +197,11 @@ class CnnSettings:
     # the ViT, and a baseline trained at someone else's lr is a weak one. Empty: the fine-tune recipe's blr alone.
     blr_sweep: list[float] = field(default_factory=list)
     # The sweep only at budgets of at most this many labels per class (None: every budget); larger ones train once at
-    # the fine-tune recipe's blr: all 55,000 Fashion-MNIST labels are an hour per lr on 2 CPU cores.
+    # ``blr``: all 55,000 Fashion-MNIST labels are an hour per lr on 2 CPU cores.
     blr_sweep_max_per_class: int | None = None
+    # The base lr of a CNN that is not swept (None: the fine-tune recipe's, which was chosen for the ViT), e.g. the lr
+    # the sweep chose at the largest swept budget.
+    blr: float | None = None
 
 
 BASELINES = ("pixels", "cnn")

@@ -157,7 +157,8 @@ def cnn_budget(
     Same images, augmentation, optimiser steps and schedule as the ViT's ``finetune`` (``config.finetune``); one lr
     for every layer (no layer decay); widths and blocks from ``config.cnn``. With ``cnn.blr_sweep`` (at budgets up to
     ``cnn.blr_sweep_max_per_class``) one CNN trains per base lr (in ``run_dir/blr<value>``) and the one best on the
-    validation images is reported, each lr's validation top-1 beside it.
+    validation images is reported, each lr's validation top-1 beside it; otherwise it trains once at ``cnn.blr`` (or
+    the fine-tune recipe's).
     """
     f, c = config.finetune, config.cnn
     splits = session.splits(finetune_augmentation(session.encoder, session.mean, session.std, f), config=config)
@@ -172,7 +173,7 @@ def cnn_budget(
     tried: dict[str, dict[str, Any]] = {}
     cap, per_class = c.blr_sweep_max_per_class, config.labels_per_class
     sweep = c.blr_sweep if cap is None or (per_class is not None and per_class <= cap) else []
-    for blr in sweep or [f.blr]:
+    for blr in sweep or [c.blr or f.blr]:
         session.reseed()  # every lr from the same initialisation and batches: only the lr differs
         where = check_output_dir(run_dir / f"blr{blr:g}") if sweep else run_dir
         if sweep:

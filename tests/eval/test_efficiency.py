@@ -326,8 +326,8 @@ def test_cnn_lr_is_chosen_on_validation(tmp_path, encoder_run, capsys):
     assert set(by_blr) == {"1e-05", "0.01"} and cnn["val_top1"] == max(by_blr.values())
     assert cnn["blr"] == float(max(by_blr, key=by_blr.get))
     # Each lr starts from the same weights and batches: the chosen one is a lone run at that lr.
-    # Above blr_sweep_max_per_class the CNN trains once, at the fine-tune recipe's blr.
-    once = ["cnn.blr_sweep=[1e-5,1e-2]", "cnn.blr_sweep_max_per_class=2", f"finetune.blr={cnn['blr']}"]
+    # Above blr_sweep_max_per_class the CNN trains once, at cnn.blr (not the ViT recipe's finetune.blr).
+    once = ["cnn.blr_sweep=[1e-5,1e-2]", "cnn.blr_sweep_max_per_class=2", f"cnn.blr={cnn['blr']}", "finetune.blr=1e-9"]
     assert cli_main(["evaluate", str(encoder_run), *common, *once, f"output_dir={lone}"]) == 0
     assert not list((lone / "cnn/4_per_class").glob("blr*"))
     alone = json.loads((lone / "cnn/4_per_class/results.json").read_text())["protocols"]["finetune"]

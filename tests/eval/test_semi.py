@@ -5,6 +5,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
+import mpp.eval.semi as semi_module
 import mpp.eval.session as session_module
 from mpp.data import build_dataset
 from mpp.eval import finetune
@@ -17,6 +18,7 @@ from mpp.eval.semi import (
     with_labelled_share,
 )
 from mpp.eval.session import Splits
+from mpp.train.checkpoint import checkpoint_dirs
 
 ARGS = [
     "random", "model=mae_vit_micro_patch4", "data.source=synthetic", "data.synthetic_size=80", "labels_per_class=4",
@@ -101,9 +103,26 @@ def _twice_with_other_pool_labels(tmp_path, monkeypatch, args):
     return a
 
 
-def test_fixmatch_never_reads_true_labels(tmp_path, monkeypatch):
+def _cut_after_first_checkpoint(run):
+    """``run`` as a kill would leave it after its first checkpoint: no final weights, no later checkpoints."""
+    (run / "classifier.safetensors").unlink()
+    checkpoints = checkpoint_dirs(run)  # step_* only, oldest first (a ``latest`` pointer sits beside them)
+    assert len(checkpoints) > 1
+    for extra in checkpoints[1:]:
+        shutil.rmtree(extra)
+
+
+def test_fixmatch_never_reads_true_labels_and_resumes_exactly(tmp_path, monkeypatch):
     fixmatch = ["finetune.semi.method=fixmatch", "finetune.semi.mu=2", "finetune.log_every=2", "finetune.min_steps=6"]
-    _twice_with_other_pool_labels(tmp_path, monkeypatch, [*ARGS, *fixmatch])
+    a = _twice_with_other_pool_labels(tmp_path, monkeypatch, [*ARGS, *fixmatch])
+    # Resumed from its first checkpoint, the pool items and their augmentations (seeded per item) are drawn as before.
+    _cut_after_first_checkpoint(tmp_path / "b")
+    found, real = [], session_module.resume_state
+    monkeypatch.setattr(session_module, "resume_state", lambda *a: found.append(real(*a)) or found[-1])
+    assert finetune.main([*ARGS, *fixmatch, f"output_dir={tmp_path / 'b'}"]) == 0
+    assert found[0] is not None and 0 < found[0].trainer_state["step"] < 6  # it did resume mid-way
+    c = _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_self_training_never_reads_true_labels_and_its_rounds_resume(tmp_path, monkeypatch):
@@ -111,12 +130,11 @@ def test_self_training_never_reads_true_labels_and_its_rounds_resume(tmp_path, m
 
     # an interrupted run: round 1 left mid-way (its first checkpoint only), the final result never written
     (tmp_path / "b" / "classifier.safetensors").unlink()
-    for name in ("round.json", "classifier.safetensors"):
-        (tmp_path / "b" / "round_1" / name).unlink()
-    checkpoints = sorted((tmp_path / "b" / "round_1" / "checkpoints").iterdir())
-    assert len(checkpoints) > 1
-    for extra in checkpoints[1:]:
-        shutil.rmtree(extra)
+    (tmp_path / "b" / "round_1" / "round.json").unlink()
+    _cut_after_first_checkpoint(tmp_path / "b" / "round_1")
+    found, real = [], semi_module.resume_state
+    monkeypatch.setattr(semi_module, "resume_state", lambda *a: found.append(real(*a)) or found[-1])
     assert finetune.main([*ARGS, f"output_dir={tmp_path / 'b'}"]) == 0
+    assert any(f is not None and f.trainer_state["step"] > 0 for f in found)  # round 1 did resume mid-way
     c = _weights(tmp_path / "b")
     assert all(torch.equal(a[k], c[k]) for k in a)

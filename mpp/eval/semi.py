@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
@@ -108,9 +109,17 @@ def unlabeled_pool(splits: Splits, limit: int | None = None, seed: int = 0) -> l
     return pool
 
 
-def aligned_to_uniform(probs: torch.Tensor) -> torch.Tensor:
-    """Distribution alignment (ReMixMatch): rows rescaled by ``uniform / mean prediction``, then renormalised."""
-    probs = probs / probs.mean(0, keepdim=True).clamp_min(1e-8)
+def aligned_to_uniform(probs: torch.Tensor, across_processes: bool = False) -> torch.Tensor:
+    """Distribution alignment (ReMixMatch): rows rescaled by ``uniform / mean prediction``, then renormalised.
+
+    ``across_processes``: the mean prediction is the whole batch's, every process's part of it (equal parts, as the
+    distributed sampler gives), so a run on several processes aligns as the same batch on one does.
+    """
+    mean = probs.mean(0, keepdim=True)
+    if across_processes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(mean)
+        mean = mean / dist.get_world_size()
+    probs = probs / mean.clamp_min(1e-8)
     return probs / probs.sum(1, keepdim=True)
 
 
@@ -323,7 +332,7 @@ class FixMatch:
         with torch.no_grad():
             probs = teacher(weak).float().softmax(1)
         if s.align:  # this batch's mean prediction rescaled to uniform: no class takes the pool over
-            probs = aligned_to_uniform(probs)
+            probs = aligned_to_uniform(probs, across_processes=True)
         confidence, pseudo = probs.max(1)
         mask = (confidence >= threshold_of(s)).float()
         unlabeled = (F.cross_entropy(model(strong).float(), pseudo, reduction="none") * mask).mean()
@@ -342,6 +351,9 @@ class FixMatch:
             if info.step % self.log_every:
                 return
             w = self.window
+            if accelerator.num_processes > 1:  # every process's share of the pool images, not the main's alone
+                summed = accelerator.reduce(torch.tensor(list(w.values()), device=accelerator.device), "sum")
+                w = dict(zip(w, summed.tolist(), strict=True))
             record = {"step": info.step, "stage": "semi", "mask_rate": round(w["kept"] / max(w["seen"], 1), 4),
                       "pseudo_accuracy": round(100 * w["right"] / w["known"], 2) if w["known"] else None}  # fmt: skip
             for key in self.counts:

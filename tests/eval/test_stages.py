@@ -178,3 +178,23 @@ def test_two_processes_give_one_process_results_for_knn_probe_and_finetune(tmp_p
               for d in (one, two))  # fmt: skip
     assert len(l1) == len(l2) == r1["finetune"]["steps"] == r2["finetune"]["steps"]
     assert abs(l1[0] - l2[0]) < 1e-4 * abs(l1[0]), (l1[0], l2[0])
+
+
+@pytest.mark.slow
+def test_two_processes_give_one_process_fixmatch_steps(tmp_path):
+    """FixMatch on 2 processes x half batch: the first steps' loss as on 1 process (alignment over the whole batch)."""
+    from tests.eval.test_semi import ARGS as SEMI
+
+    args = ["finetune", *SEMI, "finetune.semi.method=fixmatch", "finetune.semi.mu=2", "finetune.log_every=1",
+            "finetune.drop_path_rate=0", "finetune.reprob=0", "finetune.min_steps=2"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.set_num_threads(1)
+    assert cli_main([*args, "finetune.batch_size=8", f"output_dir={one}"]) == 0
+    launch([*args, "finetune.batch_size=4", f"output_dir={two}"], 2, 29610)
+    l1, l2 = ([json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
+    assert len(l1) == len(l2) >= 2 and all(abs(a - b) < 1e-4 * abs(a) for a, b in zip(l1[:2], l2[:2], strict=True)), (
+        l1,
+        l2,
+    )
+    p1, p2 = ([json.loads(x) for x in (d / "pseudo_labels.jsonl").read_text().splitlines()] for d in (one, two))
+    assert p1[0]["mask_rate"] == p2[0]["mask_rate"] and p1[0]["pseudo_accuracy"] == p2[0]["pseudo_accuracy"]

@@ -212,6 +212,12 @@ def budget_point(budget: int | str, results: dict[str, Any], run_dir: Path, root
         # validation top-1 where the protocol measured it (data.val_size): what choices between runs are made on
         "val_top1": {name: e["val_top1"] for name, e in results["protocols"].items() if e.get("val_top1") is not None},
         "skipped": results.get("skipped", {}),
+        # what each trained protocol cost: a baseline that trained for less is a weaker one, so the table says so
+        "training": {
+            name: {"steps": e["steps"], "minutes": e["train_minutes"], "blr": e.get("blr")}
+            for name, e in results["protocols"].items()
+            if e.get("train_minutes") is not None and e.get("steps") is not None
+        },
         "output_dir": str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
     }
 
@@ -239,6 +245,11 @@ def merge_seeds(points: list[dict[str, Any]]) -> dict[str, Any]:
         n: sum(p["val_top1"][n] for p in points) / len(points)
         for n in first["val_top1"]
         if all(n in p["val_top1"] for p in points)
+    }
+    merged["training"] = {
+        n: {**cost, "minutes": sum(p["training"][n]["minutes"] for p in points) / len(points)}
+        for n, cost in first.get("training", {}).items()
+        if all(n in p.get("training", {}) for p in points)
     }
     merged["output_dir"] = str(Path(first["output_dir"]).parent)
     return merged
@@ -437,8 +448,29 @@ def efficiency_markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     if notes:
         lines += ["", *[f"n/a: {where}: {why}." for where, why in notes.items()]]
+    lines += training_table(report)
     lines += ["", "![top-1 accuracy against labels per class](efficiency.png)", ""]
     return "\n".join(lines)
+
+
+def training_table(report: dict[str, Any]) -> list[str]:
+    """Markdown lines: optimiser steps, minutes (mean over label seeds) and base lr of every trained column."""
+    encoders = report["encoders"]
+    trained = [(r, n) for r, e in encoders.items() for n in report["protocols"]
+               if any(n in p.get("training", {}) for p in e["results"])]  # fmt: skip
+    if not trained:
+        return []
+    budgets = [_budget_cell(p) for p in encoders["mae"]["results"]]
+    lines = ["", "What each trained column cost (optimiser steps, minutes of training, base lr):", "",
+             "| column | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]  # fmt: skip
+    for role, name in trained:
+        cells = []
+        for point in encoders[role]["results"]:
+            cost = point.get("training", {}).get(name)
+            blr = f", blr {cost['blr']:g}" if cost and cost.get("blr") is not None else ""
+            cells.append(f"{cost['steps']} steps, {cost['minutes']:.1f} min{blr}" if cost else "n/a")
+        lines.append(f"| {ROLE_NAMES[role]} {protocol_name(name)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_efficiency(out: Path, report: dict[str, Any]) -> Path:

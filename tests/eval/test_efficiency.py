@@ -170,6 +170,8 @@ def test_sweep_table_and_plot(sweep_dir):
     assert "| pixels kNN | pixels logistic regression | MAE best - best baseline (which) |" in table
     rows = [line for line in table.splitlines() if line.startswith(("| 1 |", "| 4 |", "| all (16) |"))]
     assert len(rows) == 3 and "n/a" in rows[0] and "n/a" not in rows[1]
+    cost = [line for line in table.splitlines() if line.startswith("| CNN scratch fine-tune | ")]
+    assert len(cost) == 1 and cost[0].count(" steps, ") == 3, cost  # what the baseline trained for, every budget
     assert "efficiency.png" in table
     with Image.open(sweep_dir / "efficiency.png") as img:
         img.verify()

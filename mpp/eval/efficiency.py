@@ -247,7 +247,11 @@ def merge_seeds(points: list[dict[str, Any]]) -> dict[str, Any]:
         if all(n in p["val_top1"] for p in points)
     }
     merged["training"] = {
-        n: {**cost, "minutes": sum(p["training"][n]["minutes"] for p in points) / len(points)}
+        n: {
+            **cost,
+            "minutes": sum(p["training"][n]["minutes"] for p in points) / len(points),
+            "blr": [p["training"][n]["blr"] for p in points],  # each subset's own where it was chosen per subset
+        }
         for n, cost in first.get("training", {}).items()
         if all(n in p.get("training", {}) for p in points)
     }
@@ -467,7 +471,9 @@ def training_table(report: dict[str, Any]) -> list[str]:
         cells = []
         for point in encoders[role]["results"]:
             cost = point.get("training", {}).get(name)
-            blr = f", blr {cost['blr']:g}" if cost and cost.get("blr") is not None else ""
+            blrs = cost.get("blr") if cost else None
+            blrs = (blrs if len(set(blrs)) > 1 else blrs[:1]) if isinstance(blrs, list) else [blrs]  # per seed
+            blr = ", blr " + " / ".join(f"{b:g}" for b in blrs) if None not in blrs else ""
             cells.append(f"{cost['steps']} steps, {cost['minutes']:.1f} min{blr}" if cost else "n/a")
         lines.append(f"| {ROLE_NAMES[role]} {protocol_name(name)} | " + " | ".join(cells) + " |")
     return lines

@@ -203,6 +203,21 @@ class CnnSettings:
     # the sweep chose at the largest swept budget.
     blr: float | None = None
 
+    def swept_at(self, per_class: int | None) -> bool:
+        """Whether a budget of ``per_class`` labels per class (``None``: all) trains one CNN per ``blr_sweep`` lr."""
+        cap = self.blr_sweep_max_per_class
+        return bool(self.blr_sweep) and (cap is None or (per_class is not None and per_class <= cap))
+
+    def in_use(self, per_class: int | None) -> CnnSettings:
+        """These settings less the ones a ``per_class`` budget never reads (at their defaults).
+
+        A swept budget never reads ``blr``, an unswept one neither the grid nor its cap: a finished CNN run stays
+        reusable when only a setting it never read has changed (e.g. ``cnn.blr`` chosen for the all-label budget).
+        """
+        if self.swept_at(per_class):
+            return replace(self, blr=None)
+        return replace(self, blr_sweep=[], blr_sweep_max_per_class=None)
+
 
 BASELINES = ("pixels", "cnn")
 

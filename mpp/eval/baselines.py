@@ -171,8 +171,7 @@ def cnn_budget(
     desc = f"ResNet from scratch (small-image stem, widths {c.widths}, blocks {c.blocks}, {params:.2f}M)"
     session.say(f"cnn: {desc}\n{session.data_line(splits)}")
     tried: dict[str, dict[str, Any]] = {}
-    cap, per_class = c.blr_sweep_max_per_class, config.labels_per_class
-    sweep = c.blr_sweep if cap is None or (per_class is not None and per_class <= cap) else []
+    sweep = c.blr_sweep if c.swept_at(config.labels_per_class) else []
     for blr in sweep or [c.blr or f.blr]:
         session.reseed()  # every lr from the same initialisation and batches: only the lr differs
         where = check_output_dir(run_dir / f"blr{blr:g}") if sweep else run_dir

@@ -115,6 +115,8 @@ def finished_run(where: Path, config: EvaluateConfig, ignore: tuple[str, ...] = 
     except ConfigError:  # unreadable, or a setting mpp no longer has
         return False
     # Through YAML, as config.yaml holds them: tuples become lists and the like.
+    # The CNN settings a run never read are left out (CnnSettings.in_use).
+    saved, config = (replace(c, cnn=c.cnn.in_use(c.labels_per_class)) for c in (saved, config))
     saved_dict, wanted = (yaml.safe_load(yaml.safe_dump(to_dict(c), sort_keys=False)) for c in (saved, config))
     for key in ignore:
         saved_dict.pop(key, None)

@@ -12,7 +12,7 @@ from PIL import Image
 
 import mpp
 from mpp.cli import main as cli_main
-from mpp.config import ConfigError, EvaluateConfig, build_config, from_dict
+from mpp.config import ConfigError, EvaluateConfig, build_config, from_dict, to_dict
 from mpp.config.stages import parse_budgets
 from mpp.data.transforms import eval_transform
 from mpp.eval.efficiency import COLOURS, best_of, finished_run
@@ -160,6 +160,11 @@ def test_small_budgets_over_label_seeds_report_mean_and_spread(tmp_path, encoder
     assert finished_run(done, saved)
     other = replace(saved, knn=replace(saved.knn, k=saved.knn.k + 1))
     assert not finished_run(done, other)  # another setting: measured again
+    # A CNN setting the run never read (cnn.blr at a budget the lr grid covers) does not stop its reuse; the grid does.
+    gridded = replace(saved, cnn=replace(saved.cnn, blr_sweep=[1e-2, 3e-2]))
+    (done / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(yaml.safe_dump(to_dict(gridded)))))
+    assert finished_run(done, replace(gridded, cnn=replace(gridded.cnn, blr=5e-2)))
+    assert not finished_run(done, replace(gridded, cnn=replace(gridded.cnn, blr_sweep=[1e-2])))
 
 
 def test_sweep_table_and_plot(sweep_dir):

@@ -414,7 +414,7 @@ def _pacer(
     """
     planned = state.extra.get(STATE_KEY) if schedule.minutes else None
     if planned is not None:
-        schedule.cap(planned["total_steps"])
+        schedule.cap(planned["total_steps"], planned.get("warmup_epochs"))
         bar.total = schedule.total_steps
         if hooks.on_pace is not None:
             hooks.on_pace(planned["seconds_per_step"], schedule)
@@ -422,8 +422,12 @@ def _pacer(
     if not schedule.minutes and hooks.on_pace is None:
         return None
     timer = StepTimer(state.step, clock)
+    first: dict[str, Any] = {}  # the plan, once made: when, at which step, and the re-check's step
 
     def pace(step: int) -> None:
+        if first and step == first["recheck_at"]:
+            recheck(step)
+            return
         local = timer.tick(step)
         if local is None:
             return
@@ -436,11 +440,27 @@ def _pacer(
         total = steps_in_budget(schedule.minutes, elapsed, step, seconds, schedule.steps_per_epoch, extra)
         plan = BudgetPlan(schedule.minutes, seconds, elapsed, extra, total)
         schedule.cap(total)
+        plan.warmup_epochs = schedule.warmup_epochs
         state.extra[STATE_KEY] = plan.to_dict()
         bar.total = schedule.total_steps
         if say is not None:
             warmup = round(schedule.warmup_epochs * schedule.steps_per_epoch)
             say(f"{plan.describe(schedule.steps_per_epoch)}; warmup {warmup} steps")
+        if hooks.on_plan is not None:
+            hooks.on_plan(plan)
+        first.update(plan=plan, at=step, time=clock(), recheck_at=plan.recheck_at(step))
+
+    def recheck(step: int) -> None:
+        # every process re-fixes at the same step, from the slowest one's time
+        plan: BudgetPlan = first["plan"]
+        now = clock()
+        since, elapsed = (_agreed_max(accelerator, t) for t in (now - first["time"], now - started))
+        plan.recheck(step, since, elapsed, schedule.steps_per_epoch, first["at"])
+        schedule.cap(plan.total_steps, plan.warmup_epochs)  # the warmup is under way or done: it stays
+        state.extra[STATE_KEY] = plan.to_dict()
+        bar.total = schedule.total_steps
+        if say is not None:
+            say(plan.describe_recheck(schedule.steps_per_epoch))
         if hooks.on_plan is not None:
             hooks.on_plan(plan)
 

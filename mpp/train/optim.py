@@ -80,11 +80,16 @@ class Schedule:
         """The run's length in (fractional) epochs: where the cosine reaches ``min_lr``."""
         return self.total_steps / max(self.steps_per_epoch, 1)
 
-    def cap(self, steps: int) -> None:
-        """End the run after ``steps`` optimiser steps; the last epoch is cut short and the cosine ends there."""
+    def cap(self, steps: int, warmup_epochs: float | None = None) -> None:
+        """End the run after ``steps`` optimiser steps; the last epoch is cut short and the cosine ends there.
+
+        The warmup shrinks with a short run, unless ``warmup_epochs`` fixes it (a budget's re-check, a resume).
+        """
         self.max_steps = max(1, steps)
         self.epochs = -(-self.max_steps // self.steps_per_epoch)
-        if self.warmup_fraction is not None:
+        if warmup_epochs is not None:
+            self.warmup_epochs = warmup_epochs
+        elif self.warmup_fraction is not None:
             self.warmup_epochs = self.warmup_fraction * self.max_steps / self.steps_per_epoch
         else:  # a slow pace must not leave a budget mostly warmup (300 steps of 467 were: measured on a small folder)
             self.warmup_epochs = min(self.warmup_epochs, MAX_WARMUP_SHARE * self.max_steps / self.steps_per_epoch)

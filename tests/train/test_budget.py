@@ -4,7 +4,7 @@ import yaml
 from accelerate import Accelerator
 
 from mpp.train import engine, pretrain
-from mpp.train.budget import MARGIN, STATE_KEY, TIMED_STEPS, UNTIMED_STEPS, steps_in_budget
+from mpp.train.budget import MARGIN, RECHECK_SHARE, STATE_KEY, TIMED_STEPS, UNTIMED_STEPS, steps_in_budget
 from mpp.train.checkpoint import TrainState
 from mpp.train.engine import FitHooks, _pacer
 from mpp.train.monitor import MonitorRun, readings_cadence
@@ -41,6 +41,22 @@ def test_budget_fixes_the_steps_from_the_timed_pace_and_a_resume_keeps_them():
     assert schedule.lr_at(schedule.span_epochs) == 0.0  # the cosine ends where the budget does
     assert expected < 200 and schedule.warmup_epochs == MAX_WARMUP_SHARE * expected / 50  # 1 epoch = 50 steps: cut
     assert steps_in_budget(1.0, 100.0, 7, 0.5, 50, 0.0) == 8  # an exhausted budget still takes one more step
+    planned = dict(state.extra[STATE_KEY])
+
+    # Once RECHECK_SHARE of the steps are done, their real pace (here 0.75 s/step, not 0.6) re-fixes the count.
+    timed_end, timed_at = UNTIMED_STEPS + TIMED_STEPS, now[0]
+    recheck = timed_end + max(TIMED_STEPS, round(RECHECK_SHARE * (expected - timed_end)))
+    for step in range(timed_end + 1, recheck + 1):
+        now[0] = timed_at + 0.75 * (step - timed_end)
+        pace(step)
+    left = 120 * (1 - MARGIN) - (now[0] + 10.0)
+    assert schedule.total_steps == recheck + int(left // 0.75) == state.extra[STATE_KEY]["total_steps"] < expected
+    assert state.extra[STATE_KEY]["recheck_step"] == recheck and len(plans) == 2
+    assert schedule.lr_at(schedule.span_epochs) == 0.0
+    now[0] += 1000.0
+    pace(recheck + 1)  # one re-check only
+    assert len(plans) == 2
+    state.extra[STATE_KEY] = planned
 
     resumed = _schedule()  # a resume restores the count and times nothing, whatever the pace now
     assert _pacer(Accelerator(cpu=True), resumed, TrainState(extra=dict(state.extra)), FitHooks(), Bar(), None,

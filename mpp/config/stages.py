@@ -167,6 +167,9 @@ class FinetuneSettings(ScheduleConfig):
     # The classifier head's readout (token | avg | tokens); None: the stage's global_pool, else avg (the paper's). Its
     # own key so `mpp evaluate --finetune` can fine-tune on the token map while kNN and the probe read avg pooling.
     global_pool: str | None = None
+    # random: the paper's head (truncated normal, std 2e-5); probe: LP-FT, the head first fitted as a logistic
+    # regression on the frozen features (mpp.eval.lpft), L2 chosen on the validation images.
+    head_init: str = "random"
 
 
 def finetune_pool(config: StageConfig) -> str:
@@ -465,6 +468,7 @@ def _check_finetune(ft: FinetuneSettings) -> None:
     for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
         check(0 <= getattr(ft, name) <= 1, f"finetune.{name}", getattr(ft, name), "must be in [0, 1]")
     check(0 < ft.ema_decay < 1, "finetune.ema_decay", ft.ema_decay, "must be in (0, 1)")
+    check(ft.head_init in ("random", "probe"), "finetune.head_init", ft.head_init, "must be random or probe")
     semi = ft.semi
     check(
         semi.method in ("selftrain", "fixmatch"), "finetune.semi.method", semi.method, "must be selftrain or fixmatch"

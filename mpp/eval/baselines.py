@@ -17,53 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mpp.config import EvaluateConfig
 from mpp.eval.features import FeatureCache, split_features
 from mpp.eval.finetune import finetune, finetune_augmentation
 from mpp.eval.knn import knn_protocol
 from mpp.eval.labels import carve_features
+from mpp.eval.logistic import L2_GRID, chosen_logistic
 from mpp.eval.metrics import classification_metrics
 from mpp.eval.session import Session
 from mpp.models.cnn import SmallImageResNet
 from mpp.runtime import check_output_dir
 
-L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # on standardised pixels, per image (the loss is a mean over images)
-
 
 def flatten(images: torch.Tensor) -> torch.Tensor:
     """``[N, C, H, W] -> [N, C*H*W]`` float32."""
     return images.reshape(images.shape[0], -1).float()
-
-
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, iters: int = 100) -> torch.nn.Linear:
-    """A multinomial logistic regression on ``x`` (already standardised), fitted by full-batch L-BFGS.
-
-    The loss is the mean cross-entropy plus ``l2 / 2 * ||W||^2`` (bias not penalised), a convex problem: L-BFGS with a
-    strong-Wolfe line search reaches its optimum from zero weights, so the fit needs no seed.
-    """
-    model = torch.nn.Linear(x.shape[1], num_classes)
-    torch.nn.init.zeros_(model.weight)
-    torch.nn.init.zeros_(model.bias)
-    optimizer = torch.optim.LBFGS(
-        model.parameters(),
-        lr=1.0,
-        max_iter=iters,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-6,
-        tolerance_change=1e-9,
-        history_size=20,
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y) + 0.5 * l2 * model.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return model
 
 
 def logistic_protocol(
@@ -74,22 +43,15 @@ def logistic_protocol(
     l2_grid: Sequence[float] = L2_GRID,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Logistic regression on features: L2 chosen on ``val``, the chosen model scored once on ``test``.
+    """Logistic regression on features (:func:`chosen_logistic`): L2 chosen on ``val``, scored once on ``test``.
 
-    Features are standardised with the training images' mean and std (per feature). Returns the results.json entry.
+    Returns the results.json entry.
     """
     start = time.perf_counter()
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
-    mean, std = train_x.mean(0), train_x.std(0, unbiased=False).clamp_min(1e-6)
-
-    def scale(x: torch.Tensor) -> torch.Tensor:
-        return (x - mean) / std
-
-    fitted = {l2: fit_logistic(scale(train_x), train_y, len(classes), l2) for l2 in l2_grid}
+    (train_x, _), (val_x, _), (test_x, test_y) = train, val, test
+    model, best, val_top1 = chosen_logistic(train, val, len(classes), l2_grid)
     with torch.no_grad():
-        val_top1 = {l2: 100.0 * (m(scale(val_x)).argmax(1) == val_y).float().mean().item() for l2, m in fitted.items()}
-        best = max(l2_grid, key=lambda l2: (val_top1[l2], l2))  # ties: the stronger regularisation
-        entry = classification_metrics(fitted[best](scale(test_x)), test_y, classes)
+        entry = classification_metrics(model(test_x), test_y, classes)
     say(
         "  logistic regression, val top-1: "
         + ", ".join(f"L2 {l2:g}: {v:.2f}%" for l2, v in val_top1.items())

@@ -230,12 +230,23 @@ def finetune_or_semi(
         from mpp.eval.semi import self_train
 
         return self_train(config, session, splits, finetune, run_dir)
+    probe = None
+    if config.finetune.head_init == "probe" and found is None:  # a resumed run's head is in its checkpoint
+        from mpp.eval.lpft import init_head_from_probe
+
+        plain = session.splits(config=config)  # the same labelled images with the evaluation transform
+        probe = init_head_from_probe(classifier, plain, session.accelerator, config, say)
+    term = None
     if semi.enabled:  # fixmatch: unlabeled images in every step
         from mpp.eval.semi import FixMatch
 
         term = FixMatch.of(config, session, splits)
-        return finetune(config, classifier, splits, session.accelerator, run_dir, say, found, term)
-    return finetune(config, classifier, splits, session.accelerator, run_dir, say, found)
+    entries, trained = finetune(config, classifier, splits, session.accelerator, run_dir, say, found, term)
+    for entry in entries.values():
+        entry["head_init"] = config.finetune.head_init
+        if probe is not None:
+            entry["head_probe"] = probe
+    return entries, trained
 
 
 def finetune_augmentation(encoder: ViTEncoder, mean: list[float], std: list[float], f: FinetuneSettings) -> Any:

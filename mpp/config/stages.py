@@ -479,6 +479,9 @@ def _check_finetune(ft: FinetuneSettings) -> None:
     check(semi.rounds >= 1, "finetune.semi.rounds", semi.rounds, "must be >= 1")
     share = semi.labelled_share
     check(0 <= share < 1, "finetune.semi.labelled_share", share, "must be in [0, 1)")
+    selftrain = semi.enabled and semi.method == "selftrain"
+    check(not (selftrain and ft.head_init == "probe"), "finetune.head_init", ft.head_init,
+          "is not for semi.method=selftrain (each round builds its own head)")  # fmt: skip
     threshold_ok = semi.threshold is None or 0 <= semi.threshold < 1
     check(threshold_ok, "finetune.semi.threshold", semi.threshold, "must be in [0, 1)")
     for name in ("per_class", "pool_limit"):

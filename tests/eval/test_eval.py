@@ -326,6 +326,10 @@ def test_default_output_dirs_name_encoder_and_budget(encoder_run):
         (["knn", "init=random"], "model=<registry name>"),
         (["probe", "random", f"model={MICRO}", "labels_per_class=1000"], "labels_per_class=1000 but class"),
         (["finetune", "random", f"model={MICRO}", "finetune.layer_decay=2"], "finetune.layer_decay=2"),
+        (
+            ["finetune", "random", f"model={MICRO}", "finetune.head_init=probe", "finetune.semi.enabled=true"],
+            "finetune.head_init='probe': is not for semi.method=selftrain",
+        ),
         (["probe", "random", f"model={MICRO}", "probe.mode=fast"], "probe.mode='fast'"),
         (["knn", "random", f"model={MICRO}", "knn.kk=3"], "unknown config key 'knn.kk'"),
         (["evaluate", "a", "b"], None),

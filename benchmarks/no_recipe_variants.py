@@ -112,6 +112,9 @@ def main() -> int:
     parser.add_argument("--val", action="store_true", help="hold out 10%% of the training images (fit variants)")
     parser.add_argument("--data-root", default="runs/variants/data")
     parser.add_argument("--out", default="benchmarks/results/no_recipe_variants.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every pretraining (e.g. model.patch_size=14: a rule tried against "
+                             "another value on a fit variant); the row is named VARIANT+KEY=VALUE")  # fmt: skip
     args = parser.parse_args()
     out_path = Path(args.out)
     table = json.loads(out_path.read_text()) if out_path.is_file() else {"rows": {}}
@@ -126,8 +129,9 @@ def main() -> int:
             write_variant(root, count, side)
             source = [f"data.path={root}"]
         val = [f"data.val_size={count // 10}"] if args.val else []
+        name = "+".join([name, *args.set])  # the data is the variant's; the row and run are the variant's + overrides
         run_dir = Path("runs/variants") / name
-        seconds, stdout = run([*MPP, "pretrain", *source, *val, f"optim.minutes={args.minutes}",
+        seconds, stdout = run([*MPP, "pretrain", *source, *val, f"optim.minutes={args.minutes}", *args.set,
                                f"output_dir={run_dir}", "progress=false"])  # fmt: skip
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         share = re.search(r"kNN monitor: (\d+) s of this session's (\d+) s \(([\d.]+)%\)", stdout)

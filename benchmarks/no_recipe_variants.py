@@ -114,7 +114,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/no_recipe_variants.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every pretraining (e.g. model.patch_size=14: a rule tried against "
-                             "another value on a fit variant); the row is named VARIANT+KEY=VALUE")  # fmt: skip
+                             "another value on a fit variant); the row is named VARIANT+KEY-VALUE")  # fmt: skip
     args = parser.parse_args()
     out_path = Path(args.out)
     table = json.loads(out_path.read_text()) if out_path.is_file() else {"rows": {}}
@@ -129,7 +129,9 @@ def main() -> int:
             write_variant(root, count, side)
             source = [f"data.path={root}"]
         val = [f"data.val_size={count // 10}"] if args.val else []
-        name = "+".join([name, *args.set])  # the data is the variant's; the row and run are the variant's + overrides
+        # The data is the variant's; the row and the run are the variant's + overrides ("=" would read as a key=value
+        # argument where mpp is given the run's path).
+        name = "+".join([name, *(o.replace("=", "-") for o in args.set)])
         run_dir = Path("runs/variants") / name
         seconds, stdout = run([*MPP, "pretrain", *source, *val, f"optim.minutes={args.minutes}", *args.set,
                                f"output_dir={run_dir}", "progress=false"])  # fmt: skip

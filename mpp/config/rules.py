@@ -10,10 +10,11 @@ setting                     rule (r = median shorter side, n = images, cpu = no 
 ==========================  =====================================================================================
 data.source                 ``folder`` for a directory of images, ``shards`` for one of ``*.tar``, else ``hf``
 model.in_chans              1 when every sampled image is grey, else 3
-model.img_size, patch_size  cpu: r capped at 64; a 4x4 grid (patch r // 4) up to 32 px (measured on 28 px Fashion-
-                            MNIST validation: 7x7 patches beat 4x4 ones by 3 kNN / 1 probe points at 5 minutes and
-                            at 30), else patch 8; cuda: patch 4 up to 64 px, 8 up to 128, else 224 with patch 16 (the
-                            paper); the size is rounded down to a patch multiple
+model.img_size, patch_size  cpu: r capped at 64, a 4x4 grid (patch r // 4; measured on Fashion-MNIST validation: at
+                            28 px 7x7 patches beat 4x4 ones by 3 kNN / 1 probe points at 5 minutes and at 30; at 56 px
+                            14x14 patches beat 8x8 ones by 4.2 kNN points at 5 minutes on a 10k-image variant);
+                            cuda: patch 4 up to 64 px, 8 up to 128, else 224 with patch 16 (the paper); the size is
+                            rounded down to a patch multiple
 model.name                  cpu or n < 50k: ``mae_vit_tiny_patch4``; cuda with n >= 50k: ``mae_vit_small_patch4``;
                             cuda, n >= 500k and r > 128: ``mae_vit_base_patch16``
 model.global_pool           ``avg`` (measured: the mean patch token beats cls early in pretraining)
@@ -86,8 +87,8 @@ def input_size(resolution: int, cuda: bool) -> tuple[int, int, str]:
     if not cuda:
         img = max(16, min(resolution, 64))
         # Few, large patches: a CPU step is cheap enough for several times the steps, which a short run needs more
-        # than fine tokens (issue 19's validation ablation at 28 px: patch 7 over patch 4).
-        patch = img // 4 if img <= 32 else 8
+        # than fine tokens (validation: patch 7 over 4 at 28 px, issue 19; patch 14 over 8 at 56 px, issue 20).
+        patch = img // 4
         why = f"median side {resolution} px" + (", capped at 64 on a CPU" if resolution > 64 else "")
     elif resolution <= 128:
         img = max(16, resolution)

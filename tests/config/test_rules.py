@@ -32,7 +32,7 @@ def test_rules_for_a_few_fingerprints():
     assert small["monitor.samples"] == 300 and small["data.mean"] == [0.3] and small["model.mask_ratio"] == 0.6
 
     mid = _rules(_fp(60_000, 96, 3, classes=0))  # 96 px colour, unlabeled, CPU: capped at 64 px
-    assert (mid["model.img_size"], mid["model.patch_size"]) == (64, 8) and mid["optim.batch_size"] == 128
+    assert (mid["model.img_size"], mid["model.patch_size"]) == (64, 16) and mid["optim.batch_size"] == 128
     assert "monitor.samples" not in mid and len(mid["data.mean"]) == 3
 
     big = _rules(_fp(1_000_000, 256, 3), cuda=True, epochs_given=True)  # ImageNet-like on a GPU

@@ -3,6 +3,7 @@
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import mpp.data.pretraining as pretraining
 import mpp.train.pretrain as pretrain
 from mpp.config import ConfigError, PretrainConfig, build_config
 from mpp.models import ViTClassifier, create_model
-from mpp.train.monitor import KnnMonitor, pooled_features
+from mpp.train.monitor import BELOW_RANDOM_NOTE, KnnMonitor, MonitorReading, MonitorRun, pooled_features
 
 TINY = [
     "model.name=mae_vit_micro_patch4", "data.source=synthetic", "data.synthetic_size=64", "data.num_workers=0",
@@ -43,6 +44,25 @@ def test_reading_classifies_separable_images_and_restores_train_mode():
     reading = monitor.measure(encoder)
     assert reading.top1 == {"avg": 100.0, "token": 100.0}
     assert encoder.training and monitor.bank_size == 80
+
+
+def test_a_reading_below_random_init_is_explained_once():
+    readings = iter(
+        [
+            {"avg": 60.0, "token": 55.0},
+            {"avg": 58.0, "token": 56.0},
+            {"avg": 40.0, "token": 50.0},
+            {"avg": 30.0, "token": 45.0},
+        ]
+    )
+    stub = SimpleNamespace(measure=lambda *_: MonitorReading(next(readings), 1.0))
+    run, said = MonitorRun(stub, 1, 4, "avg"), []  # type: ignore[arg-type]
+    host = SimpleNamespace(device="cpu", autocast=None)
+    for step in range(4):
+        run.read(None, host, step, step, SimpleNamespace(write=lambda *_: None), said.append)
+    assert (
+        said.count(BELOW_RANDOM_NOTE) == 1 and said.index(BELOW_RANDOM_NOTE) == 3
+    )  # after step 2, the first all below
 
 
 def test_unlabelled_data_gives_no_monitor():

@@ -3,8 +3,8 @@
 For each case: the time of the first compiled step (compilation included, what a run pays once), the median eager
 and compiled steps (forward + backward + AdamW, interleaved after warm-up so machine noise hits both alike), their
 ratio, the loss of each on the same batch and mask (they must agree), and the break-even: how many steps (and how many
-minutes of eager training) a run must last before the compiled one is ahead. ``mpp.train.compile_policy`` turns
-compile on by default only where that break-even is a small share of the run (docs/benchmarks.md has the figures).
+minutes of eager training) a run must last before the compiled one is ahead. ``maybe_compile`` in
+:mod:`mpp.train.pretrain` keeps compile off by default on CPUs from these figures (docs/benchmarks.md has them).
 
     .venv/bin/python benchmarks/bench_compile.py [--cases tiny_fmnist_28px,vit_base_224px] [--backend inductor]
 """

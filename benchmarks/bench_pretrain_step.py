@@ -43,6 +43,7 @@ CASES = {
     # name: (variant, overrides, batch)
     "micro_16px": ("mae_vit_micro_patch4", {"img_size": 16, "in_chans": 3}, 8),  # for the test of this script
     "tiny_fmnist_28px": ("mae_vit_tiny_patch4", {}, 128),
+    "tiny_fmnist_28px_p7": ("mae_vit_tiny_patch4", {"patch_size": 7}, 128),  # recipes/fmnist_tiny.yaml's 4x4 grid
     "vit_tiny_32px": ("mae_vit_tiny_patch4", {"img_size": 32, "in_chans": 3}, 256),
     "vit_base_224px": ("mae_vit_base_patch16", {}, 8),
     "vit_base_224px_b256": ("mae_vit_base_patch16", {}, 256),  # the GPU case (bf16 on CUDA)

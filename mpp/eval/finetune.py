@@ -29,7 +29,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from mpp.config import ConfigError, FinetuneConfig, FinetuneSettings
+from mpp.config import FinetuneConfig, FinetuneSettings
 from mpp.config.command import command_main
 from mpp.config.stages import finetune_pool
 from mpp.data.sampling import SeededItems
@@ -233,9 +233,6 @@ def finetune_or_semi(
     probe = None
     if config.finetune.head_init == "probe" and found is None:  # a resumed run's head is in its checkpoint
         from mpp.eval.lpft import init_head_from_probe
-
-        if session.accelerator.num_processes > 1:  # 2 processes started from another first loss than 1 (unexplained)
-            raise ConfigError("finetune.head_init=probe: checked on one process only; run it with one process")
 
         plain = session.splits(config=config)  # the same labelled images with the evaluation transform
         probe = init_head_from_probe(classifier, plain, session.accelerator, config, say)

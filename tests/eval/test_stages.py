@@ -162,7 +162,9 @@ def test_two_processes_give_one_process_results_for_knn_probe_and_finetune(tmp_p
     """2 processes x half batch = 1 process x batch, one ``mpp evaluate --finetune`` each (kNN, probe, fine-tune)."""
     args = ["evaluate", str(encoder_run), "--finetune", *SYNTH, "probe.epochs=2", "probe.warmup_epochs=1",
             "finetune.epochs=2", "finetune.warmup_epochs=1", "finetune.drop_path_rate=0",
-            "finetune.log_every=1"]  # fmt: skip
+            "finetune.log_every=1", "finetune.head_init=probe", "finetune.mixup=0", "finetune.cutmix=0"]  # fmt: skip
+    # The LP-FT head makes the first loss depend on the batch (a random head gives ln 10 on any); mixup is off because
+    # it pairs each image with the flipped batch, a process's half batch on 2 processes (as the official code).
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)  # the launched processes run 1 thread each: the same float order
     assert cli_main([*args, "probe.batch_size=16", "finetune.batch_size=16", f"output_dir={one}"]) == 0

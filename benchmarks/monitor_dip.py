@@ -66,16 +66,14 @@ def main() -> int:
     mean, std = data["train"][0].mean(), data["train"][0].std()  # as the run's fingerprint measures them
     normed = {split: ((x - mean) / std, y) for split, (x, y) in data.items()}
     for run in args.runs:
-        first = True
-        for ckpt in sorted((run / "checkpoints").glob("step_*")):
-            encoder, _ = load_init(str(ckpt))
-            if first:  # the same architecture at random init (mpp's seed 0)
-                torch.manual_seed(0)
-                side, patch = encoder.img_size[0], encoder.patch_size
-                random, _ = load_init("random", "mae_vit_tiny_patch4", img_size=side, patch_size=patch, in_chans=1)
-                print(f"{run.name} random init: {readouts(random, normed)}", flush=True)
-                first = False
-            print(f"{run.name} {ckpt.name}: {readouts(encoder, normed)}", flush=True)
+        checkpoints = sorted((run / "checkpoints").glob("step_*"))
+        shape, _ = load_init(str(checkpoints[0]))
+        torch.manual_seed(0)  # the same architecture at random init (mpp's seed 0)
+        random, _ = load_init("random", "mae_vit_tiny_patch4", img_size=shape.img_size[0], patch_size=shape.patch_size,
+                              in_chans=shape.in_chans)  # fmt: skip
+        print(f"{run.name} random init: {readouts(random, normed)}", flush=True)
+        for ckpt in checkpoints:
+            print(f"{ckpt.parent.parent.name} {ckpt.name}: {readouts(load_init(str(ckpt))[0], normed)}", flush=True)
     return 0
 
 

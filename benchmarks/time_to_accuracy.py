@@ -2,8 +2,10 @@
 
 Both runs get the same wall-clock (``--minutes``, the whole run: model, data, compile and monitor included), one after
 the other on an otherwise idle machine, on the same 55,000 training images (the 5,000 validation images of
-``recipes/fmnist_tiny.yaml`` held out of both), the same architecture and the same initialisation (the official MAE
-init as mpp draws it, seeded, copied into ``ViTMAEForPreTraining`` with its sin-cos tables, as the test oracle does):
+``recipes/fmnist_tiny.yaml`` held out of both), the same tiny ViT (192-d, 6 blocks) and the same initialisation (the
+official MAE init as mpp draws it, seeded, copied into ``ViTMAEForPreTraining`` with its sin-cos tables, as the test
+oracle does). The patch size is a recipe choice: mpp's recipe cuts 7x7 patches (chosen on validation); the reference
+keeps the variant's 4x4 (``--reference-patch-size 7`` gives it mpp's instead, to compare the rest of the recipes alone):
 
 - **mpp**: ``mpp pretrain --recipe fmnist_tiny optim.minutes=M`` (mask 0.6, blr 1.5e-3, batch 128, flips only,
   in-memory batches), a checkpoint every ``--mpp-checkpoint-steps`` steps; a reading's time is when the checkpoint's
@@ -17,10 +19,13 @@ init as mpp draws it, seeded, copied into ``ViTMAEForPreTraining`` with its sin-
 
 Afterwards, untimed, every checkpoint and snapshot is read by the same kNN monitor (the seeded 5,000-image subset of
 the training images mpp's own monitor uses: 1,000 queries, 4,000 bank, cosine k 20, T 0.07, average pooling), and the
-final encoder of each by kNN on the full bank (55,000 training images, 10,000 test queries). Output: the curves (PNG),
-minutes to reach monitor kNN 80 and 85 (">M" where a run never does), JSON and a markdown table with the machine.
+final encoder of each by kNN on the full bank (55,000 training images, 10,000 test queries) and, with ``--probe``, by
+``mpp probe --recipe probe_fmnist`` on the average patch token (its lr and weight decay chosen on the 5,000 validation
+images; the reference's final encoder is saved as ``RUNS/reference/encoder.safetensors`` for it). Output: the
+curves (PNG), minutes to reach monitor kNN 80 and 85 (">M" where a run never does), JSON and a markdown table with the
+machine.
 
-    .venv/bin/python benchmarks/time_to_accuracy.py --minutes 30            # ~65 minutes in all
+    .venv/bin/python benchmarks/time_to_accuracy.py --minutes 30 --probe    # ~75 minutes in all
     .venv/bin/python benchmarks/time_to_accuracy.py --minutes 3 --read-every 1 --mpp-checkpoint-steps 60   # a try
 """
 
@@ -47,6 +52,7 @@ from mpp.data.holdout import without_validation  # noqa: E402
 from mpp.data.transforms import eval_transform, pretrain_transform  # noqa: E402
 from mpp.eval.encoders import load_init  # noqa: E402
 from mpp.formats.hf import hf_to_mpp, installed_layout, to_hf  # noqa: E402
+from mpp.formats.native import save_encoder  # noqa: E402
 from mpp.models import ViTEncoder, create_model  # noqa: E402
 from mpp.neighbours import knn_scores  # noqa: E402
 from mpp.train.monitor import KnnMonitor, pooled_features  # noqa: E402
@@ -85,16 +91,22 @@ def run_mpp(minutes: float, every_steps: int, out: Path) -> dict[str, Any]:
     return {"wall_s": wall, "points": points, "final": str(out)}
 
 
-def hf_reference_model(config: PretrainConfig) -> Any:
-    """``ViTMAEForPreTraining`` of the recipe's architecture with mpp's initial weights (tables included), mask 0.75."""
+def hf_reference_model(config: PretrainConfig, patch_size: int | None) -> Any:
+    """``ViTMAEForPreTraining`` of the recipe's variant (``patch_size``: None for the variant's own) with mpp's
+    initial weights (tables included), mask 0.75."""
     import transformers
 
     torch.manual_seed(config.seed)
-    mae = create_model(config.model.name, mask_ratio=0.75, norm_pix_loss=True)
+    mae = create_model(config.model.name, mask_ratio=0.75, norm_pix_loss=True, **patch_override(patch_size))
     state, kwargs = to_hf(mae, installed_layout())
     model = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**kwargs))
     model.load_state_dict(state)
     return model
+
+
+def patch_override(patch_size: int | None) -> dict[str, int]:
+    """``create_model`` keywords for the reference's patch size (none: the registry variant's)."""
+    return {} if patch_size is None else {"patch_size": patch_size}
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -106,11 +118,13 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def run_reference(config: PretrainConfig, minutes: float, read_every: float, workers: int) -> dict[str, Any]:
+def run_reference(
+    config: PretrainConfig, minutes: float, read_every: float, workers: int, patch_size: int | None
+) -> dict[str, Any]:
     """The paper's recipe on Hugging Face's ViTMAE for ``minutes`` of wall-clock; snapshots every ``read_every``."""
     start = time.perf_counter()
     budget_s, batch, timed_from, timed_to = minutes * 60, 256, 2, 12
-    model = hf_reference_model(config).train()
+    model = hf_reference_model(config, patch_size).train()
     mean, std = config.data.mean, config.data.std
     data = Subset(build_dataset("fashion-mnist", "train", pretrain_transform(28, mean, std)), training_indices(config))
     loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
@@ -154,14 +168,35 @@ def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def encoder_of(weights: str | dict[str, torch.Tensor], config: PretrainConfig) -> ViTEncoder:
+def encoder_of(
+    weights: str | dict[str, torch.Tensor], config: PretrainConfig, patch_size: int | None = None
+) -> ViTEncoder:
     """The encoder of an mpp checkpoint/run directory, or of a Hugging Face ViTMAE state (the whole MAE: its decoder
-    is not used by the readings)."""
+    is not used by the readings) with the reference's ``patch_size``."""
     if isinstance(weights, str):
         return load_init(weights)[0].eval()
-    mae = create_model(config.model.name)
+    mae = create_model(config.model.name, **patch_override(patch_size))
     mae.load_state_dict(hf_to_mpp(weights))
     return mae.eval()
+
+
+def save_reference(encoder: ViTEncoder, config: PretrainConfig, steps: int, run_dir: Path) -> Path:
+    """The reference's final encoder as an mpp run directory would hold it, so ``mpp probe`` reads it."""
+    return save_encoder(encoder, run_dir / "encoder.safetensors", variant=config.model.name, mean=config.data.mean,
+                        std=config.data.std, source="fashion-mnist", norm_pix_loss=True, steps=steps,
+                        val_size=config.data.val_size, val_seed=config.data.val_seed)  # fmt: skip
+
+
+def probe_top1(run_dir: Path) -> dict[str, float]:
+    """``mpp probe RUN --recipe probe_fmnist`` on the average patch token (the monitor's readout, the same for both
+    runs; an encoder's own default would read the class token for one and the average for the other), the recipe's
+    validation images choosing lr and decay: val and test top-1."""
+    out = run_dir / "probe"
+    cmd = [sys.executable, "-m", "mpp", "probe", str(run_dir), "--recipe", "probe_fmnist", "data.val_size=5000",
+           "global_pool=avg", f"output_dir={out}", "progress=false"]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    entry = json.loads((out / "results.json").read_text())["protocols"]["probe"]
+    return {"val": round(entry["val_top1"], 2), "test": round(entry["top1"], 2)}
 
 
 @torch.no_grad()
@@ -216,6 +251,9 @@ def main() -> int:
     parser.add_argument("--mpp-checkpoint-steps", type=int, default=300, help="steps between mpp checkpoints")
     parser.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
     parser.add_argument("--no-full-bank", action="store_true", help="skip the final full-bank kNN (minutes each)")
+    parser.add_argument("--probe", action="store_true", help="a linear probe of each final encoder (minutes each)")
+    parser.add_argument("--reference-patch-size", type=int, default=None,
+                        help="the reference's patch size (default: the variant's 4; mpp's recipe uses 7)")  # fmt: skip
     parser.add_argument("--runs", default="runs/time_to_accuracy")
     parser.add_argument("--out", default="benchmarks/results/time_to_accuracy.json")
     args = parser.parse_args()
@@ -223,7 +261,10 @@ def main() -> int:
     runs.mkdir(parents=True, exist_ok=True)
     peak = {}
     mpp_run = run_mpp(args.minutes, args.mpp_checkpoint_steps, runs / "mpp")
-    reference = run_reference(config, args.minutes, args.read_every, args.workers)
+    patch = args.reference_patch_size
+    reference = run_reference(config, args.minutes, args.read_every, args.workers, patch)
+    reference_final = encoder_of(reference["points"][-1]["state"], config, patch)
+    save_reference(reference_final, config, reference["steps"], runs / "reference")
     if sys.platform == "linux":
         import resource
 
@@ -237,14 +278,17 @@ def main() -> int:
     for name, run in (("mpp fmnist_tiny", mpp_run), ("reference (paper recipe, HF ViTMAE)", reference)):
         curve = []
         for point in run["points"]:
-            reading = monitor.measure(encoder_of(point.get("weights") or point["state"], config))
+            reading = monitor.measure(encoder_of(point.get("weights") or point["state"], config, patch))
             curve.append({"minutes": round(point["seconds"] / 60, 2), "knn_avg": round(reading.top1["avg"], 2)})
         curves[name] = curve
     finals = {name: None for name in curves}
     if not args.no_full_bank:
         finals["mpp fmnist_tiny"] = full_bank_knn(encoder_of(mpp_run["final"], config), config)
-        reference_final = encoder_of(reference["points"][-1]["state"], config)
         finals["reference (paper recipe, HF ViTMAE)"] = full_bank_knn(reference_final, config)
+    probes: dict[str, dict[str, float] | None] = dict.fromkeys(curves)
+    if args.probe:
+        probes["mpp fmnist_tiny"] = probe_top1(Path(mpp_run["final"]))
+        probes["reference (paper recipe, HF ViTMAE)"] = probe_top1(runs / "reference")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     draw(curves, out.with_suffix(".png"))
@@ -254,19 +298,23 @@ def main() -> int:
             "curve": curves[name],
             **{f"minutes_to_{t:g}": minutes_to(curves[name], t, args.minutes) for t in THRESHOLDS},
             "final_full_bank_knn": finals[name],
+            "final_probe": probes[name],
         }
         for name, run in (("mpp fmnist_tiny", mpp_run), ("reference (paper recipe, HF ViTMAE)", reference))
     }
     report = {"machine": machine_facts(), "minutes": args.minutes, "workers": args.workers, "peak_memory": peak,
-              "reference_steps": reference["steps"], "rows": rows}  # fmt: skip
+              "reference_steps": reference["steps"], "reference_patch_size": patch or 4,
+              "mpp_patch_size": config.model.patch_size, "rows": rows}  # fmt: skip
     write_report(out, report)
     lines = [
-        "| run | wall min | monitor kNN at the end | min to 80 | min to 85 | full-bank kNN |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | wall min | monitor kNN at the end | min to 80 | min to 85 | full-bank kNN | probe val (test) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
+        probe = row["final_probe"]
+        probe_cell = f"{probe['val']} ({probe['test']})" if probe else "-"
         lines.append(f"| {name} | {row['wall_minutes']} | {row['curve'][-1]['knn_avg']} | {row['minutes_to_80']} | "
-                     f"{row['minutes_to_85']} | {row['final_full_bank_knn']} |")  # fmt: skip
+                     f"{row['minutes_to_85']} | {row['final_full_bank_knn']} | {probe_cell} |")  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps(peak))

@@ -303,8 +303,8 @@ def main() -> int:
         for name, run in (("mpp fmnist_tiny", mpp_run), ("reference (paper recipe, HF ViTMAE)", reference))
     }
     report = {"machine": machine_facts(), "minutes": args.minutes, "workers": args.workers, "peak_memory": peak,
-              "reference_steps": reference["steps"], "reference_patch_size": reference_final.encoder_config["patch_size"],
-              "mpp_patch_size": config.model.patch_size, "rows": rows}  # fmt: skip
+              "reference_steps": reference["steps"], "mpp_patch_size": config.model.patch_size,
+              "reference_patch_size": reference_final.encoder_config["patch_size"], "rows": rows}  # fmt: skip
     write_report(out, report)
     lines = [
         "| run | wall min | monitor kNN at the end | min to 80 | min to 85 | full-bank kNN | probe val (test) |",
